@@ -1,0 +1,356 @@
+"""Typed configuration: dataclasses, strict YAML merge, resolved-config dumps.
+
+One place reads the config (the builders in :mod:`sppdet.train.pipeline`,
+:mod:`sppdet.detect` and the commands); library functions take plain
+arguments.  Loading is strict, as in fast-rcnn's ``cfg_from_file``: an unknown
+key or a value of the wrong type is a :class:`~sppdet.errors.ConfigError`
+naming the file and the key.
+
+A config file may name a base with ``_base_: other.yaml`` (resolved relative
+to the file, or a bundled name); keys in the file override the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+#: Folder of the bundled configs (``configs/`` at the top of the repository links here).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how to read it."""
+
+    root: str | None = None          # VOC root (or COCO image folder); --data overrides
+    format: str = "voc"              # voc | coco
+    coco_annotations: dict[str, str] = field(default_factory=dict)  # split -> instances JSON (format: coco)
+    train_split: str = "trainval"
+    test_split: str = "test"
+    classes: list[str] | None = None  # None: VOC's 20 when they fit, else discovered (sorted)
+    skip_bad_images: bool = False    # skip undecodable images with a warning instead of failing
+    use_difficult: bool = False      # train on objects marked difficult
+
+
+@dataclass
+class ProposalConfig:
+    """Selective search (see :mod:`sppdet.proposals`)."""
+
+    mode: str = "fast"               # a preset name: fast | quality | ...
+    max_boxes: int = 2000
+    workers: int = 0                 # 0: all cores
+    overrides: dict[str, Any] = field(default_factory=dict)  # preset fields to override
+
+
+@dataclass
+class FeatureConfig:
+    """Backbone, scales and spatial pyramid pooling."""
+
+    backbone: str = "zf5"            # zf5 | vgg16 | lite0
+    weights: str | None = None       # None: the backbone's default (packaged / torchvision); a path; "random"
+    mode: str = "spp"                # spp | rcnn
+    scales: list[int] = field(default_factory=lambda: [688])
+    max_side: int = 2000             # cap on the longer side after resizing
+    pyramid: list[int] = field(default_factory=lambda: [4, 2, 1])
+    flip: bool = True                # also extract features of the mirrored image for training
+    cache_dtype: str = "float16"     # conv5 map storage
+    rcnn_context: int = 16           # R-CNN mode: context padding (pixels at 224)
+    rcnn_size: int = 224             # R-CNN mode: warp size
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning of fc6/fc7 (+ a new (K+1)-way classifier) on SPP features."""
+
+    enabled: bool = True
+    fc_dims: list[int] = field(default_factory=lambda: [4096, 4096])
+    dropout: float = 0.5
+    iterations: int = 0              # 0: scaled to the dataset size (see pipeline)
+    iterations_per_image: float = 40.0
+    min_iterations: int = 500
+    max_iterations: int = 250000
+    batch_size: int = 128
+    images_per_batch: int = 2
+    fg_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou_low: float = 0.1
+    bg_iou_high: float = 0.5
+    lr: float = 0.001
+    lr_step_fraction: float = 0.6    # lr /= 10 after this fraction of the iterations
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    end_to_end: bool = False         # also train the conv layers through SPP (beyond the paper)
+    conv_lr_mult: float = 0.1
+
+
+@dataclass
+class SVMConfig:
+    """Per-class linear SVMs with hard-negative mining."""
+
+    features: str = "fc7"            # fc7 | spp (use the pooled conv5 features)
+    C: float = 0.001
+    pos_weight: float = 2.0
+    bias_multiplier: float = 10.0
+    feature_norm: float = 20.0
+    neg_iou: float = 0.3
+    hard_threshold: float = -1.0001
+    evict_threshold: float = -1.2
+    retrain_images: int = 0          # retrain after this many images' new hard negatives (0: auto)
+    max_negatives_first: int = 0     # 0: all windows of the first batch of images
+    max_iter: int = 10000
+
+
+@dataclass
+class BBoxRegConfig:
+    """Class-specific ridge regression of box corrections."""
+
+    enabled: bool = True
+    min_iou: float = 0.6
+    lam: float = 1000.0
+
+
+@dataclass
+class TestConfig:
+    nms: float = 0.3
+    max_per_image: int = 100
+    score_threshold: float | None = None   # None: keep the top max_per_image after NMS
+    batch_images: int = 1
+
+
+@dataclass
+class Config:
+    name: str = "sppdet"
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    cache_dir: str | None = None     # None: $SPPDET_CACHE or ~/.cache/sppdet
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------
+# Strict merge
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = args or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return merge(tp(), value, where)
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def merge(obj: Any, updates: dict[str, Any], where: str = "config") -> Any:
+    """Return a copy of dataclass ``obj`` with ``updates`` applied, strictly.
+
+    Unknown keys and wrong types raise :class:`ConfigError` naming ``where.key``.
+    Nested dataclasses merge recursively (keys not given keep their values).
+    """
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})"
+            )
+        tp = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = merge(current, value, f"{where}.{key}")
+        else:
+            changes[key] = _coerce(value, tp, f"{where}.{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config path as given, or a bundled config by name (``demo_lite0`` or ``demo_lite0.yaml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    bundled = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: no such config file (bundled configs: {bundled})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                _seen: tuple[Path, ...] = ()) -> Config:
+    """Load a config file (strict), following ``_base_``, then apply ``overrides``."""
+    cfg = Config()
+    if path is not None:
+        p = resolve_config_path(path).resolve()
+        if p in _seen:
+            raise ConfigError(f"{p}: _base_ chain loops back to itself")
+        data = _read_yaml(p)
+        base = data.pop("_base_", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ConfigError(f"{p}: _base_ must be a file name, got {base!r}")
+            bp = p.parent / base
+            cfg = load_config(bp if bp.is_file() else base, None, _seen + (p,))
+        try:
+            cfg = merge(cfg, data, "config")
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    if overrides:
+        cfg = merge(cfg, overrides, "override")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"finetune.lr=0.01"`` -> ``{"finetune": {"lr": 0.01}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. finetune.lr=0.01")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: cannot parse value {raw!r}") from None
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.strip().split(".")
+    for k in parts[:-1]:
+        cur = cur.setdefault(k, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+    cfg = merge(Config(), d, "config")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{key}: {msg}")
+
+    if cfg.data.format not in ("voc", "coco"):
+        bad("data.format", f"must be voc or coco, got {cfg.data.format!r}")
+    if cfg.features.backbone not in ("zf5", "vgg16", "lite0"):
+        bad("features.backbone", f"must be zf5, vgg16 or lite0, got {cfg.features.backbone!r}")
+    if cfg.features.mode not in ("spp", "rcnn"):
+        bad("features.mode", f"must be spp or rcnn, got {cfg.features.mode!r}")
+    if not cfg.features.scales or any(s <= 0 for s in cfg.features.scales):
+        bad("features.scales", f"must be a non-empty list of positive sizes, got {cfg.features.scales}")
+    if not cfg.features.pyramid or any(n <= 0 for n in cfg.features.pyramid):
+        bad("features.pyramid", f"must be a non-empty list of positive bin counts, got {cfg.features.pyramid}")
+    if cfg.features.cache_dtype not in ("float16", "float32"):
+        bad("features.cache_dtype", f"must be float16 or float32, got {cfg.features.cache_dtype!r}")
+    if cfg.proposals.max_boxes <= 0:
+        bad("proposals.max_boxes", "must be positive")
+    if cfg.svm.features not in ("fc7", "spp"):
+        bad("svm.features", f"must be fc7 or spp, got {cfg.svm.features!r}")
+    if cfg.svm.features == "fc7" and not cfg.finetune.enabled:
+        # fc7 without fine-tuning is allowed (random fc layers would be useless, so use spp)
+        bad("svm.features", "fc7 needs finetune.enabled: true (use svm.features: spp without fine-tuning)")
+    ft = cfg.finetune
+    if not 0 < ft.fg_fraction <= 1:
+        bad("finetune.fg_fraction", "must be in (0, 1]")
+    if not 0 <= ft.bg_iou_low < ft.bg_iou_high <= ft.fg_iou:
+        bad("finetune.bg_iou_low", "need 0 <= bg_iou_low < bg_iou_high <= fg_iou")
+    if not 0 <= ft.dropout < 1:
+        bad("finetune.dropout", "must be in [0, 1)")
+    if not 0 < cfg.test.nms <= 1:
+        bad("test.nms", "must be in (0, 1]")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        bad("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -1,0 +1,1 @@
+"""Small shared helpers: logging, atomic files, hashing, devices, progress bars."""

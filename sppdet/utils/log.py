@@ -1,0 +1,47 @@
+"""Logging set-up for the CLI (the library only calls ``logging.getLogger``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+_FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so log lines do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """Console logging: WARNING and up by default, INFO with -v, DEBUG with -vv."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_sppdet", False):
+            root.removeHandler(h)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setLevel(level)
+    handler._sppdet = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(min(level, root.level if root.level != logging.NOTSET else logging.WARNING, logging.INFO))
+    logging.getLogger("sppdet").setLevel(logging.DEBUG)
+
+
+def add_log_file(path: str | Path) -> logging.Handler:
+    """Also log (INFO and up, with timestamps) to ``path``; returns the handler to remove later."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_FMT))
+    handler.setLevel(logging.INFO)
+    logging.getLogger("sppdet").addHandler(handler)
+    return handler
