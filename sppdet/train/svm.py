@@ -1,0 +1,681 @@
+"""Per-class linear SVMs with hard-negative mining (R-CNN / SPPnet detection stage).
+
+One binary linear SVM per class is trained on window features (fc7, or the pooled
+conv5 "SPP" feature) scaled so that their mean L2 norm is ``feature_norm`` (20).
+
+Training set of class ``k``:
+
+* positives: the ground-truth boxes of class ``k`` (every training image);
+* negatives: windows (proposals and ground-truth boxes of other classes) whose
+  IoU with every ground-truth box of class ``k`` is below ``neg_iou`` (0.3),
+  collected by hard-negative mining in one pass over the images (as R-CNN):
+  a negative is *hard* if the current model scores it above ``hard_threshold``
+  (-1.0001, i.e. on the wrong side of or inside the margin); hard negatives go
+  into a per-class cache (deduplicated by ``(image, window)``), the SVM is
+  retrained after each batch of new hard negatives, and after every retrain the
+  cached negatives it scores below ``evict_threshold`` (-1.2) are evicted.
+
+Objective (liblinear ``-s 3``: L2-regularised L1-loss SVC, solved in the dual;
+``-w1 pos_weight -c C -B bias_multiplier``), with ``B = bias_multiplier``::
+
+    min_{w, v}  1/2 (||w||^2 + v^2) + C * sum_i c_i * max(0, 1 - y_i (w.x_i + B v))
+
+where ``c_i = pos_weight`` for positives and 1 for negatives, ``x_i`` are the
+*scaled* features, and the exported bias is ``b = B v``.  The bias is regularised
+(through ``v``) exactly as liblinear does it; a large ``B`` makes that penalty small.
+scikit-learn's ``LinearSVC(loss="hinge", dual=True, C=C, class_weight={+1: pos_weight,
+-1: 1}, fit_intercept=True, intercept_scaling=B)`` is this problem (sklearn's
+``intercept_`` is ``B v``).  A torch solver of the same dual (accelerated projected
+gradient with a duality-gap stop) is available for large data on a GPU
+(``SVMParams.solver = "torch"``).
+
+Scores of a trained model: ``s = (scale * x) @ W + b`` with ``W`` (float32 [D, K]),
+``b`` (float32 [K]) and ``scale`` (float) as stored in :class:`LinearSVMs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..utils.progress import progress as _progress
+
+logger = logging.getLogger(__name__)
+
+#: Bias of a class that had no positive example: its SVM is ``W = 0, b = NO_POSITIVES_BIAS``,
+#: i.e. every window scores this (far below any real score; finite so that sorting,
+#: arithmetic and float32 storage stay well-defined).
+NO_POSITIVES_BIAS: float = -1.0e6
+
+#: Window keys ``image * KEY_STRIDE + window`` identify a window across the data set.
+KEY_STRIDE: int = 1 << 32
+
+
+@dataclass
+class SVMParams:
+    """Hyper-parameters of SVM training (defaults: R-CNN / SPPnet).
+
+    Attributes:
+        C: liblinear's ``-c`` (cost of the hinge loss).
+        pos_weight: liblinear's ``-w1``: positives' hinge losses are weighted by this.
+        bias_multiplier: liblinear's ``-B``: the constant feature appended to every example.
+        feature_norm: features are scaled so that their mean L2 norm is this.
+        neg_iou: a window is a negative of class k when its IoU with every ground-truth
+            box of class k is below this.
+        hard_threshold: a negative scoring above this is hard (goes into the cache).
+        evict_threshold: after a retrain, cached negatives scoring below this are evicted.
+        retrain_images: retrain a class after this many images have been mined since its
+            last retrain (if it got new hard negatives); 0: auto (a tenth of the images, min 1).
+        retrain_limit: also retrain a class as soon as it has more than this many new hard
+            negatives since its last retrain (R-CNN: 2000); 0: no limit.  Bounds memory.
+        max_negatives_first: while a class has no model yet (before the first image that
+            gives it negatives has been mined, every negative is hard), take at most this many
+            negatives of one image, a seeded random subset; 0: all of them.
+        passes: mining passes over the images (R-CNN: 1).
+        max_iter: iteration limit of the solver (liblinear epochs / torch iterations / 10).
+        tol: solver tolerance (liblinear: projected-gradient tolerance; torch: relative
+            duality gap).
+        solver: "liblinear" (scikit-learn LinearSVC, CPU) or "torch" (same objective).
+        device: torch device for the torch solver ("auto", "cpu", "cuda", ...).
+        seed: random state (liblinear's coordinate order, subsampling).
+    """
+
+    C: float = 1e-3
+    pos_weight: float = 2.0
+    bias_multiplier: float = 10.0
+    feature_norm: float = 20.0
+    neg_iou: float = 0.3
+    hard_threshold: float = -1.0001
+    evict_threshold: float = -1.2
+    retrain_images: int = 0
+    retrain_limit: int = 2000
+    max_negatives_first: int = 0
+    passes: int = 1
+    max_iter: int = 10000
+    tol: float = 1e-4
+    solver: str = "liblinear"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.C <= 0 or self.pos_weight <= 0 or self.bias_multiplier <= 0 or self.feature_norm <= 0:
+            raise ValueError("SVMParams: C, pos_weight, bias_multiplier and feature_norm must be > 0")
+        if self.evict_threshold > self.hard_threshold:
+            raise ValueError("SVMParams: evict_threshold must be <= hard_threshold")
+        if self.solver not in ("liblinear", "torch"):
+            raise ValueError(f"SVMParams.solver: expected 'liblinear' or 'torch', got {self.solver!r}")
+        if self.passes < 1 or self.retrain_images < 0 or self.retrain_limit < 0 or self.max_negatives_first < 0:
+            raise ValueError("SVMParams: passes >= 1; retrain_images, retrain_limit, max_negatives_first >= 0")
+
+
+@dataclass
+class WindowSet:
+    """Everything the miner needs about one training image.
+
+    Attributes:
+        features (ndarray[N, D] float32): raw (unscaled) features of the image's windows
+            (its ground-truth boxes and its proposals, in any order).
+        gt_labels (ndarray[N] int64): class index if the window is a ground-truth box, else -1.
+        max_iou (ndarray[N, K] float32): max IoU of each window with the ground-truth boxes
+            of each class (0 where the image has none of that class).
+    """
+
+    features: np.ndarray
+    gt_labels: np.ndarray
+    max_iou: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.features = np.asarray(self.features, dtype=np.float32)
+        if self.features.ndim != 2:
+            raise ValueError(f"WindowSet.features: expected [N, D], got shape {self.features.shape}")
+        n = len(self.features)
+        self.gt_labels = np.asarray(self.gt_labels, dtype=np.int64).reshape(n)
+        self.max_iou = np.asarray(self.max_iou, dtype=np.float32)
+        if self.max_iou.ndim != 2 or len(self.max_iou) != n:
+            raise ValueError(f"WindowSet.max_iou: expected [{n}, K], got shape {self.max_iou.shape}")
+
+
+def feature_scale(sample: np.ndarray, target_norm: float = 20.0) -> float:
+    """Factor that brings the mean L2 norm of feature rows to ``target_norm``.
+
+    Args:
+        sample (ndarray[N, D]): a sample of raw features (rows are windows).
+        target_norm: the wanted mean norm (R-CNN: 20).
+
+    Returns:
+        ``target_norm / mean_i ||sample_i||`` (1.0 for an empty or all-zero sample).
+    """
+    x = np.asarray(sample, dtype=np.float64).reshape(len(sample), -1) if len(sample) else np.zeros((0, 1))
+    if len(x) == 0:
+        return 1.0
+    mean_norm = float(np.linalg.norm(x, axis=1).mean())
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        return 1.0
+    return float(target_norm) / mean_norm
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+class LinearSVMs:
+    """K linear SVMs on scaled features: ``scores = (scale * x) @ W + b``.
+
+    Attributes:
+        W (ndarray[D, K] float32): weights, one column per class.
+        b (ndarray[K] float32): biases (``NO_POSITIVES_BIAS`` for classes without positives).
+        scale (float): factor applied to raw features before ``W``.
+    """
+
+    def __init__(self, W: np.ndarray, b: np.ndarray, scale: float) -> None:
+        self.W = np.ascontiguousarray(np.asarray(W, dtype=np.float32))
+        self.b = np.asarray(b, dtype=np.float32).reshape(-1)
+        if self.W.ndim != 2 or self.W.shape[1] != len(self.b):
+            raise ValueError(f"LinearSVMs: W [D, K] and b [K] do not match: {self.W.shape}, {self.b.shape}")
+        self.scale = float(scale)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.W.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.W.shape[0])
+
+    def decision_function(self, features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Scores of raw features.
+
+        Args:
+            features (ndarray[N, D] or Tensor[N, D]): raw (unscaled) features.
+
+        Returns:
+            Scores [N, K] of the same kind: a float32 ndarray for an ndarray; a tensor on
+            the features' device (float32, or float64 for float64 input) for a tensor.
+        """
+        if isinstance(features, torch.Tensor):
+            dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+            x = features.to(dtype)
+            W = torch.from_numpy(self.W).to(device=x.device, dtype=dtype)
+            b = torch.from_numpy(self.b).to(device=x.device, dtype=dtype)
+            return (x * self.scale) @ W + b
+        x = np.asarray(features, dtype=np.float32).reshape(-1, self.dim)
+        return ((x * np.float32(self.scale)) @ self.W + self.b).astype(np.float32, copy=False)
+
+    def state_dict(self) -> dict[str, torch.Tensor | float]:
+        """``{"W": Tensor[D, K] float32, "b": Tensor[K] float32, "scale": float}`` (weights_only-safe)."""
+        return {"W": torch.from_numpy(self.W.copy()), "b": torch.from_numpy(self.b.copy()), "scale": float(self.scale)}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "LinearSVMs":
+        """Inverse of :meth:`state_dict` (accepts tensors or arrays)."""
+        try:
+            W, b, scale = d["W"], d["b"], d["scale"]
+        except KeyError as e:
+            raise ValueError(f"LinearSVMs state dict lacks {e}") from None
+        W = W.detach().cpu().numpy() if isinstance(W, torch.Tensor) else np.asarray(W)
+        b = b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
+        scale = float(scale.item()) if isinstance(scale, torch.Tensor) else float(scale)
+        return cls(W, b, scale)
+
+    def __repr__(self) -> str:
+        return f"LinearSVMs(D={self.dim}, K={self.num_classes}, scale={self.scale:.6g})"
+
+
+# ---------------------------------------------------------------------------
+# One binary SVM
+
+
+def svm_objective(X: np.ndarray, y: np.ndarray, w: np.ndarray, b: float, params: SVMParams) -> tuple[float, float]:
+    """Primal objective (liblinear ``-s 3`` with ``-B``) and mean weighted hinge loss.
+
+    Args:
+        X (ndarray[N, D]): scaled features.
+        y (ndarray[N]): labels in {+1, -1}.
+        w (ndarray[D]), b: the SVM (score = X @ w + b).
+        params: C, pos_weight, bias_multiplier.
+
+    Returns:
+        ``(objective, hinge)`` with ``objective = 1/2 (||w||^2 + (b / B)^2) + C sum_i c_i
+        max(0, 1 - y_i s_i)`` and ``hinge = sum_i c_i max(0, 1 - y_i s_i) / sum_i c_i``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    s = X @ w + b
+    c = np.where(y > 0, params.pos_weight, 1.0)
+    loss = c * np.maximum(0.0, 1.0 - y * s)
+    reg = 0.5 * (float(w @ w) + (b / params.bias_multiplier) ** 2)
+    return reg + params.C * float(loss.sum()), float(loss.sum() / max(c.sum(), 1e-12))
+
+
+def _fit_liblinear(X: np.ndarray, y: np.ndarray, params: SVMParams) -> tuple[np.ndarray, float, Callable[[np.ndarray], np.ndarray]]:
+    """Fit with scikit-learn's LinearSVC (liblinear dual CD); returns (w [D], b, decision_function)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    clf = LinearSVC(penalty="l2", loss="hinge", dual=True, C=params.C,
+                    class_weight={1: params.pos_weight, -1: 1.0}, fit_intercept=True,
+                    intercept_scaling=params.bias_multiplier, tol=params.tol,
+                    max_iter=params.max_iter, random_state=params.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(X, y)
+    for wrn in caught:
+        if issubclass(wrn.category, ConvergenceWarning):
+            logger.warning("liblinear did not converge in %d iterations (N=%d, D=%d); "
+                           "consider a larger max_iter", params.max_iter, X.shape[0], X.shape[1])
+    assert list(clf.classes_) == [-1, 1], clf.classes_
+    return clf.coef_[0].astype(np.float64), float(clf.intercept_[0]), clf.decision_function
+
+
+def _fit_torch(X: np.ndarray, y: np.ndarray, params: SVMParams,
+               device: torch.device | None = None) -> tuple[np.ndarray, float, Callable[[np.ndarray], np.ndarray]]:
+    """Same objective as liblinear, solved in the dual with FISTA (torch, any device).
+
+    Dual (``z_i = y_i [x_i, B]``, ``c_i`` = C times the class weight)::
+
+        min_a  f(a) = 1/2 ||Z^T a||^2 - sum_i a_i   s.t. 0 <= a_i <= c_i,    u = Z^T a = [w, v].
+
+    Accelerated projected gradient with step ``1/L`` (``L = ||Z||_2^2`` by power iteration)
+    and gradient-based adaptive restart; stops when the duality gap
+    ``P(u) - (-f(a))`` is below ``tol`` times the primal objective (a certificate:
+    the primal objective is then within that fraction of the optimum).
+    Runs in float64 on CPU and float32 elsewhere (gap checks in float64).
+    """
+    from ..utils.device import resolve_device
+
+    dev = device if device is not None else resolve_device(params.device)
+    dtype = torch.float64 if dev.type == "cpu" else torch.float32
+    B = params.bias_multiplier
+    Xt = torch.as_tensor(np.asarray(X), device=dev).to(dtype)
+    yt = torch.as_tensor(np.asarray(y, dtype=np.float64), device=dev).to(dtype)
+    Z = torch.cat([Xt, torch.full((len(Xt), 1), B, device=dev, dtype=dtype)], dim=1) * yt[:, None]
+    c = torch.where(yt > 0, params.C * params.pos_weight, params.C).to(dtype)
+
+    # Lipschitz constant of grad f: largest eigenvalue of Z Z^T (power iteration on Z^T Z).
+    g = torch.Generator(device="cpu").manual_seed(params.seed)
+    v = torch.randn(Z.shape[1], generator=g, dtype=torch.float64).to(device=dev, dtype=dtype)
+    v = v / v.norm()
+    lam = torch.tensor(0.0)
+    for _ in range(50):
+        zv = Z.T @ (Z @ v)
+        lam_new = zv.norm()
+        v = zv / lam_new
+        if abs(float(lam_new) - float(lam)) <= 1e-6 * float(lam_new):
+            lam = lam_new
+            break
+        lam = lam_new
+    L = float(lam) * 1.02 + 1e-12
+
+    def primal(u: torch.Tensor) -> float:
+        hinge = torch.clamp(1.0 - Z @ u, min=0.0)
+        return float(0.5 * (u.double() @ u.double()) + (c.double() * hinge.double()).sum())
+
+    a = torch.zeros(len(Z), device=dev, dtype=dtype)
+    t = 1.0
+    mom = a.clone()
+    gap = float("inf")
+    P = float("nan")
+    max_iter = max(10 * params.max_iter, 100)
+    it = 0
+    for it in range(1, max_iter + 1):
+        u_m = Z.T @ mom
+        grad = Z @ u_m - 1.0
+        a_new = torch.minimum(torch.clamp(mom - grad / L, min=0.0), c)
+        # Adaptive restart (O'Donoghue & Candes): momentum pointing uphill -> reset it.
+        if float(((mom - a_new) * (a_new - a)).sum()) > 0:
+            t = 1.0
+        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        mom = a_new + ((t - 1.0) / t_new) * (a_new - a)
+        a, t = a_new, t_new
+        if it % 20 == 0 or it == max_iter:
+            u = Z.T @ a
+            P = primal(u)
+            D = float(a.double().sum() - 0.5 * (u.double() @ u.double()))
+            gap = P - D
+            if gap <= params.tol * max(P, 1e-12):
+                break
+    else:
+        logger.warning("torch SVM solver stopped at %d iterations with relative duality gap %.2e",
+                       max_iter, gap / max(P, 1e-12))
+    u = (Z.T @ a).double().cpu().numpy()
+    w, b = u[:-1].copy(), float(u[-1] * B)
+    logger.debug("torch SVM solver: %d iterations, relative gap %.2e, L=%.3g", it, gap / max(P, 1e-12), L)
+
+    def decision(Xq: np.ndarray) -> np.ndarray:
+        return np.asarray(Xq, dtype=np.float64) @ w + b
+
+    return w, b, decision
+
+
+def fit_svm(X: np.ndarray, y: np.ndarray, params: SVMParams) -> tuple[np.ndarray, float, Callable[[np.ndarray], np.ndarray]]:
+    """Train one binary SVM (see the module docstring for the objective).
+
+    Args:
+        X (ndarray[N, D]): scaled features.
+        y (ndarray[N]): +1 (positive) or -1 (negative); both must occur.
+        params: hyper-parameters; ``params.solver`` picks liblinear or torch.
+
+    Returns:
+        ``(w, b, decision)``: w (ndarray[D] float64), b (float) and the solver's own
+        decision function (ndarray[M, D] -> ndarray[M]) for the self-check.
+    """
+    y = np.asarray(y)
+    if not ((y == 1).any() and (y == -1).any()):
+        raise ValueError("fit_svm needs at least one positive and one negative example")
+    if params.solver == "torch":
+        return _fit_torch(X, y, params)
+    return _fit_liblinear(X, y, params)
+
+
+def check_svm_scores(svms: LinearSVMs, k: int, raw_features: np.ndarray, reference: np.ndarray,
+                     name: str = "", atol: float = 1e-3, rtol: float = 1e-3) -> None:
+    """Self-check: scores from the exported ``W, b, scale`` must equal the trained model's.
+
+    Args:
+        svms: the exported models.
+        k: the class to check.
+        raw_features (ndarray[N, D]): raw (unscaled) training features.
+        reference (ndarray[N]): the solver's own decision function on the same examples.
+        name: class name for the message.
+
+    Raises:
+        RuntimeError: naming the worst example and both scores, when they differ by more
+            than ``atol + rtol * |reference|``.
+    """
+    raw = np.asarray(raw_features, dtype=np.float32)
+    if len(raw) == 0:
+        return
+    ours = svms.decision_function(raw)[:, k].astype(np.float64)
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    err = np.abs(ours - ref) - (atol + rtol * np.abs(ref))
+    worst = int(np.argmax(err))
+    if not err[worst] <= 0:
+        raise RuntimeError(f"SVM self-check failed for class {name or k!r}: example {worst} scores "
+                           f"{ours[worst]:.6g} from the exported weights but "
+                           f"{ref[worst]:.6g} from the trained model")
+
+
+# ---------------------------------------------------------------------------
+# Hard-negative mining
+
+
+@dataclass
+class _ClassState:
+    """Per-class mining state: positives, the negative cache, counters."""
+
+    pos: list[np.ndarray] = field(default_factory=list)     # scaled positives, chunks [n, D]
+    neg_x: np.ndarray | None = None                          # scaled cached negatives [M, D]
+    neg_keys: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # [M]
+    key_set: set = field(default_factory=set)
+    new_x: list[np.ndarray] = field(default_factory=list)   # not yet merged new negatives
+    new_keys: list[np.ndarray] = field(default_factory=list)
+    num_new: int = 0
+    images_since: int = 0
+    trained: bool = False
+    retrains: int = 0
+    added: int = 0
+    evicted: int = 0
+    time_s: float = 0.0
+    objective: float = float("nan")
+    hinge: float = float("nan")
+
+
+class HardNegativeMiner:
+    """The mining loop, one image at a time (used by :func:`train_svms`).
+
+    Protocol: :meth:`add_positives` for every image (in any order), then
+    :meth:`mine_image` for each image of each pass, then :meth:`finish`.
+
+    Within :meth:`mine_image(i, windows)` for every class ``k`` with positives:
+
+    1. candidates: windows with ``max_iou[:, k] < neg_iou`` and not a ground-truth box of
+       class ``k``; hard: candidates the current model of ``k`` scores ``> hard_threshold``
+       (a class without a model scores 0, so all its candidates are hard; capped at
+       ``max_negatives_first`` by a seeded random subset); keys already cached are skipped;
+       the rest are appended to the cache (in window order).
+    2. the class is retrained when it has new negatives and (it has no model yet, or
+       ``retrain_images`` images were mined since its last retrain, or it has more than
+       ``retrain_limit`` new negatives); after a retrain, cached negatives scoring
+       ``< evict_threshold`` are evicted (the order of the others is kept).
+
+    :meth:`finish` retrains every class once more (no eviction after it, so the cache
+    is exactly the final training set) and self-checks the exported weights.
+
+    The training matrix of a class is ``[positives (in add order); cached negatives]``.
+    """
+
+    def __init__(self, num_classes: int, params: SVMParams, scale: float, num_images: int,
+                 class_names: Sequence[str] | None = None) -> None:
+        self.K = int(num_classes)
+        self.params = params
+        self.scale = float(scale)
+        self.num_images = int(num_images)
+        self.class_names = list(class_names) if class_names is not None else [str(k) for k in range(self.K)]
+        if len(self.class_names) != self.K:
+            raise ValueError(f"class_names has {len(self.class_names)} names for {self.K} classes")
+        self.retrain_images = params.retrain_images or max(1, int(round(num_images / 10)))
+        self.states = [_ClassState() for _ in range(self.K)]
+        self.W: np.ndarray | None = None   # float32 [D, K]
+        self.b = np.zeros(self.K, dtype=np.float32)
+        self.dim: int | None = None
+        self.events: list[tuple[int, int, str, int]] = []   # (image, class, "retrain"|"evict", count)
+
+    # -- positives ---------------------------------------------------------
+    def _ensure_dim(self, d: int) -> None:
+        if self.dim is None:
+            self.dim = int(d)
+            self.W = np.zeros((self.dim, self.K), dtype=np.float32)
+        elif d != self.dim:
+            raise ValueError(f"feature dimension changed from {self.dim} to {d}")
+
+    def add_positives(self, windows: WindowSet) -> None:
+        """Add the ground-truth windows (``gt_labels >= 0``) of one image as positives."""
+        self._ensure_dim(windows.features.shape[1])
+        for k in np.unique(windows.gt_labels[windows.gt_labels >= 0]):
+            if k >= self.K:
+                raise ValueError(f"gt label {k} out of range for {self.K} classes")
+            x = windows.features[windows.gt_labels == k] * np.float32(self.scale)
+            self.states[int(k)].pos.append(x.astype(np.float32, copy=False))
+
+    def num_positives(self, k: int) -> int:
+        return int(sum(len(p) for p in self.states[k].pos))
+
+    # -- cache ---------------------------------------------------------------
+    def negatives(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cached negatives of class k: (scaled features [M, D] float32, keys [M] int64)."""
+        st = self.states[k]
+        self._merge(st)
+        x = st.neg_x if st.neg_x is not None else np.zeros((0, self.dim or 0), np.float32)
+        return x, st.neg_keys
+
+    def _merge(self, st: _ClassState) -> None:
+        if st.new_x:
+            parts = ([st.neg_x] if st.neg_x is not None else []) + st.new_x
+            st.neg_x = np.concatenate(parts, axis=0)
+            st.neg_keys = np.concatenate([st.neg_keys] + st.new_keys)
+            st.new_x, st.new_keys = [], []
+
+    def _positives(self, st: _ClassState) -> np.ndarray:
+        return np.concatenate(st.pos, axis=0) if st.pos else np.zeros((0, self.dim or 0), np.float32)
+
+    # -- mining ----------------------------------------------------------------
+    def mine_image(self, image: int, windows: WindowSet) -> None:
+        """Mine hard negatives of one image for every class, then retrain classes as due."""
+        p = self.params
+        self._ensure_dim(windows.features.shape[1])
+        if windows.max_iou.shape[1] != self.K:
+            raise ValueError(f"image {image}: max_iou has {windows.max_iou.shape[1]} classes, expected {self.K}")
+        x = (windows.features * np.float32(self.scale)).astype(np.float32, copy=False)
+        scores = x @ self.W + self.b                       # [N, K] current models
+        for k, st in enumerate(self.states):
+            if not st.pos:
+                continue
+            cand = (windows.max_iou[:, k] < p.neg_iou) & (windows.gt_labels != k)
+            hard = np.flatnonzero(cand & (scores[:, k] > p.hard_threshold))
+            if not st.trained and p.max_negatives_first and len(hard) > p.max_negatives_first:
+                rng = np.random.default_rng([p.seed, image, k])
+                hard = np.sort(rng.choice(hard, size=p.max_negatives_first, replace=False))
+            keys = image * KEY_STRIDE + hard.astype(np.int64)
+            if st.key_set:
+                fresh = np.fromiter((kk not in st.key_set for kk in keys.tolist()), bool, len(keys))
+                hard, keys = hard[fresh], keys[fresh]
+            if len(hard):
+                st.new_x.append(x[hard])
+                st.new_keys.append(keys)
+                st.key_set.update(keys.tolist())
+                st.num_new += len(hard)
+                st.added += len(hard)
+            st.images_since += 1
+        for k, st in enumerate(self.states):
+            if not st.pos or st.num_new == 0:
+                continue
+            due = (not st.trained or st.images_since >= self.retrain_images
+                   or (p.retrain_limit and st.num_new > p.retrain_limit))
+            if due:
+                self._retrain(k, image)
+                self._evict(k, image)
+
+    def _retrain(self, k: int, image: int = -1) -> Callable[[np.ndarray], np.ndarray] | None:
+        st = self.states[k]
+        self._merge(st)
+        pos = self._positives(st)
+        neg = st.neg_x if st.neg_x is not None else np.zeros((0, self.dim), np.float32)
+        st.num_new = 0
+        st.images_since = 0
+        if len(pos) == 0 or len(neg) == 0:
+            return None
+        t0 = time.perf_counter()
+        X = np.concatenate([pos, neg], axis=0)
+        y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))]).astype(np.int64)
+        w, b, decision = fit_svm(X, y, self.params)
+        self.W[:, k] = w.astype(np.float32)
+        self.b[k] = np.float32(b)
+        st.objective, st.hinge = svm_objective(X, y, w, b, self.params)
+        st.trained = True
+        st.retrains += 1
+        st.time_s += time.perf_counter() - t0
+        self.events.append((image, k, "retrain", len(X)))
+        logger.debug("svm %s: retrain %d after image %d on %d pos + %d neg, objective %.6g",
+                     self.class_names[k], st.retrains, image, len(pos), len(neg), st.objective)
+        return decision
+
+    def _evict(self, k: int, image: int = -1) -> None:
+        st = self.states[k]
+        if st.neg_x is None or len(st.neg_x) == 0:
+            return
+        s = st.neg_x @ self.W[:, k] + self.b[k]
+        keep = s >= self.params.evict_threshold
+        n_out = int((~keep).sum())
+        if n_out:
+            st.key_set.difference_update(st.neg_keys[~keep].tolist())
+            st.neg_x = st.neg_x[keep]
+            st.neg_keys = st.neg_keys[keep]
+            st.evicted += n_out
+            self.events.append((image, k, "evict", n_out))
+
+    def finish(self) -> tuple[LinearSVMs, dict]:
+        """Final retrain of every class, self-check, per-class stats and log lines."""
+        if self.dim is None:
+            raise ValueError("no features were seen: nothing to train")
+        decisions: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
+        for k, st in enumerate(self.states):
+            name = self.class_names[k]
+            if not st.pos:
+                self.W[:, k] = 0.0
+                self.b[k] = NO_POSITIVES_BIAS
+                logger.warning("svm %s: no positive examples; its SVM scores every window %g",
+                               name, NO_POSITIVES_BIAS)
+                continue
+            decision = self._retrain(k, self.num_images)
+            if decision is None:
+                logger.warning("svm %s: no negative examples; its SVM stays zero (scores 0)", name)
+            else:
+                decisions[k] = decision
+        svms = LinearSVMs(self.W.copy(), self.b.copy(), self.scale)
+        stats: dict[str, dict] = {}
+        for k, st in enumerate(self.states):
+            name = self.class_names[k]
+            n_pos = self.num_positives(k)
+            if k in decisions:
+                X = np.concatenate([self._positives(st), st.neg_x], axis=0)   # scaled
+                check_svm_scores(svms, k, X / np.float32(self.scale), decisions[k](X), name)
+            negs = 0 if st.neg_x is None else len(st.neg_x)
+            stats[name] = {"positives": n_pos, "negatives": negs, "added": st.added, "evicted": st.evicted,
+                           "retrains": st.retrains, "objective": st.objective, "hinge_loss": st.hinge,
+                           "time_s": round(st.time_s, 3)}
+            if n_pos:
+                logger.info("svm %s: %d pos, %d neg cached (%d added, %d evicted), %d retrains, "
+                            "objective %.5g, hinge %.4f, %.2f s", name, n_pos, negs, st.added, st.evicted,
+                            st.retrains, st.objective, st.hinge, st.time_s)
+        return svms, stats
+
+
+def train_svms(get_windows: Callable[[int], WindowSet], num_images: int, num_classes: int,
+               params: SVMParams, *, class_names: Sequence[str] | None = None, progress: bool = True,
+               get_positives: Callable[[int], WindowSet] | None = None,
+               scale: float | None = None, scale_sample_per_image: int = 64) -> tuple[LinearSVMs, dict]:
+    """Train one linear SVM per class with hard-negative mining.
+
+    Args:
+        get_windows: ``i -> WindowSet`` of training image ``i`` (ground-truth boxes and
+            proposals; raw features).  Called once per image per mining pass, plus once per
+            image for the positives pass unless ``get_positives`` is given.
+        num_images: images ``0 .. num_images - 1``.
+        num_classes: K.
+        params: hyper-parameters.
+        class_names: names for logs and stats keys (default ``"0" .. "K-1"``).
+        progress: show progress bars.
+        get_positives: optional cheaper ``i -> WindowSet`` holding (at least) the image's
+            ground-truth windows; only rows with ``gt_labels >= 0`` are used.
+        scale: the feature scale; None: ``feature_scale`` of a seeded sample of up to
+            ``scale_sample_per_image`` windows per image from the positives pass (all its
+            windows when that pass uses ``get_windows``, only ground-truth windows when
+            ``get_positives`` returns only those: pass ``scale`` then for R-CNN's statistic).
+
+    Returns:
+        ``(svms, stats)``: the trained :class:`LinearSVMs` and ``stats[class_name]`` =
+        ``{"positives", "negatives" (final cache), "added", "evicted", "retrains",
+        "objective", "hinge_loss", "time_s"}`` plus ``stats["_total"]`` (scale, time, calls).
+
+    Raises:
+        RuntimeError: the self-check (scores from the exported weights vs the solver's) failed.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(params.seed)
+    pos_fn = get_positives or get_windows
+    # Pass 1: positives (and the scale sample).
+    pos_sets: list[WindowSet] = []
+    sample: list[np.ndarray] = []
+    for i in _progress(range(num_images), desc="SVM positives", total=num_images, unit="img",
+                       disable=None if progress else True):
+        ws = pos_fn(i)
+        keep = ws.gt_labels >= 0
+        pos_sets.append(WindowSet(ws.features[keep], ws.gt_labels[keep], ws.max_iou[keep]))
+        if scale is None and len(ws.features):
+            m = min(scale_sample_per_image, len(ws.features))
+            sample.append(ws.features[np.sort(rng.choice(len(ws.features), m, replace=False))])
+    if scale is None:
+        scale = feature_scale(np.concatenate(sample) if sample else np.zeros((0, 1)), params.feature_norm)
+    logger.info("svm: feature scale %.6g (mean norm -> %g)", scale, params.feature_norm)
+    miner = HardNegativeMiner(num_classes, params, scale, num_images, class_names)
+    for ws in pos_sets:
+        miner.add_positives(ws)
+    del pos_sets, sample
+    # Mining passes.
+    for p in range(params.passes):
+        desc = "SVM mining" + (f" {p + 1}/{params.passes}" if params.passes > 1 else "")
+        for i in _progress(range(num_images), desc=desc, total=num_images, unit="img",
+                           disable=None if progress else True):
+            miner.mine_image(i, get_windows(i))
+    svms, stats = miner.finish()
+    stats["_total"] = {"scale": scale, "time_s": round(time.perf_counter() - t0, 3),
+                       "retrain_images": miner.retrain_images, "solver": params.solver}
+    return svms, stats
