@@ -174,7 +174,7 @@ def test_box_clipped_with_warning(tmp_path, caplog):
         r = load_voc(root, "trainval")[0]
     np.testing.assert_array_equal(r.boxes[1], [0, 0, 40, 20])
     assert r.num_objects == 2
-    rec = [m for m in caplog.records if "clipped" in m.getMessage()]
+    rec = [m for m in caplog.records if "; clipped to" in m.getMessage()]
     assert len(rec) == 1 and "a.xml" in rec[0].getMessage() and "object 1" in rec[0].getMessage()
 
 
@@ -188,7 +188,7 @@ def test_degenerate_box_dropped_with_warning(tmp_path, caplog, box):
     r = ds[0]
     assert r.num_objects == 1 and list(r.labels) == [ds.classes.index("cat")]
     assert len(r.difficult) == 1 and len(r.truncated) == 1
-    msgs = [m.getMessage() for m in caplog.records if "dropped" in m.getMessage()]
+    msgs = [m.getMessage() for m in caplog.records if ") dropped: box" in m.getMessage()]
     assert len(msgs) == 1 and "a.xml" in msgs[0] and "object 1 (dog)" in msgs[0]
 
 
