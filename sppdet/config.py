@@ -105,7 +105,11 @@ class SVMConfig:
     hard_threshold: float = -1.0001
     evict_threshold: float = -1.2
     retrain_images: int = 0          # retrain after this many images' new hard negatives (0: auto)
-    max_negatives_first: int = 0     # 0: all windows of the first batch of images
+    retrain_limit: int = 2000        # also retrain once a class has this many new hard negatives
+    max_negatives_first: int = 0     # cap on negatives per image before a class has a model (0: all)
+    passes: int = 1                  # mining passes over the images (R-CNN: 1)
+    solver: str = "liblinear"        # liblinear (scikit-learn, CPU) | torch (same objective, GPU-capable)
+    tol: float = 0.0001
     max_iter: int = 10000
 
 
@@ -338,6 +342,8 @@ def validate(cfg: Config) -> None:
         bad("features.cache_dtype", f"must be float16 or float32, got {cfg.features.cache_dtype!r}")
     if cfg.proposals.max_boxes <= 0:
         bad("proposals.max_boxes", "must be positive")
+    if cfg.svm.solver not in ("liblinear", "torch"):
+        bad("svm.solver", f"must be liblinear or torch, got {cfg.svm.solver!r}")
     if cfg.svm.features not in ("fc7", "spp"):
         bad("svm.features", f"must be fc7 or spp, got {cfg.svm.features!r}")
     if cfg.svm.features == "fc7" and not cfg.finetune.enabled:

@@ -75,3 +75,17 @@ def test_parse_override_and_deep_update():
     with pytest.raises(ConfigError):
         parse_override("novalue")
     assert deep_update({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_bundled_configs_load():
+    from sppdet.config import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"demo_lite0", "voc07_zf5", "voc07_zf5_paper", "voc07_vgg16"} <= set(names)
+    for n in names:
+        cfg = load_config(n)
+        assert cfg.name == n
+    paper = load_config("voc07_zf5_paper")
+    assert paper.features.pyramid == [6, 3, 2, 1]
+    assert paper.features.scales == [480, 576, 688, 864, 1200]
+    assert paper.features.backbone == "zf5" and paper.finetune.fc_dims == [4096, 4096]

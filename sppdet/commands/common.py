@@ -1,0 +1,37 @@
+"""Options shared by several subcommands, and the one place that turns them into a config."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import Config, load_config, parse_override, deep_update
+
+
+def add_config_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, metavar="C",
+                   help="YAML config file, or the name of a bundled one (demo_lite0, voc07_zf5, "
+                        "voc07_zf5_paper, voc07_vgg16, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set finetune.lr=0.01 (repeatable)")
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, metavar="D", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="cache folder for proposals and conv5 maps (default: $SPPDET_CACHE or ~/.cache/sppdet)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for selective search (default: all cores)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file with --set overrides and the runtime flags applied (strictly checked)."""
+    overrides: dict = {}
+    for text in getattr(args, "overrides", []) or []:
+        overrides = deep_update(overrides, parse_override(text))
+    if getattr(args, "device", None):
+        overrides = deep_update(overrides, {"device": args.device})
+    if getattr(args, "cache", None):
+        overrides = deep_update(overrides, {"cache_dir": args.cache})
+    if getattr(args, "workers", None) is not None:
+        overrides = deep_update(overrides, {"proposals": {"workers": args.workers}})
+    return load_config(getattr(args, "config", None), overrides or None)

@@ -1,0 +1,309 @@
+"""The detector at test time: proposals -> features -> SVM scores -> box regression -> NMS.
+
+>>> det = Detector.from_checkpoint("runs/demo/model.pt", device="auto")
+>>> out = det("image.jpg")          # or an RGB uint8 array [H, W, 3]
+>>> out["boxes"], out["scores"], out["labels"]   # [M,4] original pixels, [M], [M]
+
+Scores are SVM margins (0 is the SVMs' decision boundary; higher is more
+confident).  Boxes are float (x1, y1, x2, y2), 0-based continuous pixels of
+the input image, clipped to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .boxes import batched_nms, clip_boxes, valid_boxes
+from .checkpoint import load_checkpoint
+from .config import Config, config_from_dict
+from .data.images import load_image
+from .data.records import Dataset, ImageRecord
+from .errors import CheckpointError, ImageDecodeError
+from .features import FeatureExtractor
+from .models.backbones import build_backbone
+from .models.heads import FCHead
+from .train.bbox_reg import BBoxRegressors
+from .train.svm import LinearSVMs
+from .utils.device import resolve_device
+from .utils.io import default_cache_dir
+from .utils.progress import progress
+
+log = logging.getLogger(__name__)
+
+#: Per class, the best this many windows go into NMS (the rest cannot reach the top 100).
+PRE_NMS_TOP = 300
+
+
+@dataclass
+class Detections:
+    """Detections of one image: boxes (ndarray[M,4]), scores (ndarray[M]), labels (ndarray[M] int64)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+@dataclass
+class Timer:
+    """Accumulates seconds per stage."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    images: int = 0
+
+    def add(self, stage: str, t: float) -> None:
+        self.seconds[stage] += t
+
+    def per_image(self) -> dict[str, float]:
+        n = max(self.images, 1)
+        return {k: v / n for k, v in self.seconds.items()}
+
+
+def postprocess(scores: np.ndarray, boxes: np.ndarray, width: int, height: int, *, nms: float = 0.3,
+                max_per_image: int = 100, score_threshold: float | None = None,
+                pre_nms_top: int = PRE_NMS_TOP) -> Detections:
+    """Per-class NMS and the top-``max_per_image`` cut.
+
+    Args:
+        scores (ndarray[N, K]): class scores of N windows.
+        boxes (ndarray[N, K, 4] or [N, 4]): per-class (regressed) boxes, or one box per window.
+        width, height: image size; boxes are clipped to it.
+        nms: IoU above which a lower-scoring box of the same class is suppressed (0.3).
+        max_per_image: keep at most this many detections over all classes.
+        score_threshold: drop detections scoring below it (None: keep all).
+    """
+    n, k = scores.shape
+    if n == 0 or k == 0:
+        return Detections.empty()
+    if boxes.ndim == 2:
+        boxes = np.repeat(boxes[:, None, :], k, axis=1)
+    cand_boxes, cand_scores, cand_labels = [], [], []
+    for c in range(k):
+        s = scores[:, c]
+        order = np.argsort(-s, kind="stable")[:pre_nms_top]
+        if score_threshold is not None:
+            order = order[s[order] >= score_threshold]
+        if len(order) == 0:
+            continue
+        b = clip_boxes(boxes[order, c], width, height)
+        ok = valid_boxes(b)
+        cand_boxes.append(b[ok])
+        cand_scores.append(s[order][ok])
+        cand_labels.append(np.full(int(ok.sum()), c, dtype=np.int64))
+    if not cand_boxes:
+        return Detections.empty()
+    b = np.concatenate(cand_boxes).astype(np.float32)
+    s = np.concatenate(cand_scores).astype(np.float32)
+    lab = np.concatenate(cand_labels)
+    keep = batched_nms(b, s, lab, nms)
+    keep = keep[np.argsort(-s[keep], kind="stable")][:max_per_image]
+    return Detections(b[keep], s[keep], lab[keep])
+
+
+class Detector:
+    """A trained SPPnet detector.
+
+    Build one with :meth:`from_checkpoint`.  Call it on an image (path or RGB
+    uint8 array) for its detections, or use :meth:`detect_dataset` for a whole
+    split (proposals and conv5 maps are cached and reused).
+    """
+
+    def __init__(self, cfg: Config, classes: list[str], extractor: FeatureExtractor,
+                 head: FCHead | None, svms: LinearSVMs, bbox_reg: BBoxRegressors | None,
+                 device: torch.device, cache_dir: Path) -> None:
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.extractor = extractor
+        self.head = head.eval() if head is not None else None
+        self.svms = svms
+        self.bbox_reg = bbox_reg
+        self.device = device
+        self.cache_dir = Path(cache_dir)
+        self.use_bbox_reg = bbox_reg is not None
+        self.timer = Timer()
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto",
+                        cache_dir: str | Path | None = None) -> "Detector":
+        ckpt = load_checkpoint(path)
+        try:
+            cfg = config_from_dict(ckpt["config"])
+        except Exception as e:
+            raise CheckpointError(f"{path}: checkpoint config is invalid ({e})") from None
+        dev = resolve_device(device if device != "auto" else cfg.device)
+        cache = Path(cache_dir) if cache_dir else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        bb = ckpt["backbone"]
+        if "backbone_state" in ckpt:
+            backbone = build_backbone(bb["name"], "random")
+            backbone.load_state_dict(ckpt["backbone_state"])
+            backbone.weights_id = bb["weights_id"]
+        else:
+            backbone = build_backbone(bb["name"], bb.get("weights"))
+            if getattr(backbone, "weights_id", None) != bb["weights_id"]:
+                raise CheckpointError(
+                    f"{path}: the backbone weights {bb.get('weights') or '(default)'} differ from the ones "
+                    "this detector was trained with")
+        extractor = make_extractor(cfg, backbone, dev, cache)
+        head = None
+        if "head" in ckpt:
+            head = FCHead(extractor.feature_dim, ckpt["head_dims"], len(ckpt["classes"]), cfg.finetune.dropout)
+            head.load_state_dict(ckpt["head"])
+            head.to(dev).eval()
+        svms = LinearSVMs.from_state_dict(ckpt["svm"])
+        reg = BBoxRegressors.from_state_dict(ckpt["bbox_reg"]) if ckpt.get("bbox_reg") else None
+        return cls(cfg, ckpt["classes"], extractor, head, svms, reg, dev, cache)
+
+    # ------------------------------------------------------------- internals
+    @torch.no_grad()
+    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """SVM scores (ndarray[N, K]) and the pooled features as float32 numpy (for regression)."""
+        pooled = feats.float()
+        x = pooled
+        if self.cfg.svm.features == "fc7":
+            if self.head is None:
+                raise CheckpointError("this checkpoint scores fc7 features but holds no fc layers")
+            outs = [self.head.fc7(pooled[i:i + 4096].to(self.device)) for i in range(0, len(pooled), 4096)]
+            x = torch.cat(outs) if outs else pooled.new_zeros((0, self.head.out_dim))
+        scores = self.svms.decision_function(x.cpu())
+        scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+        return scores, pooled.cpu().numpy()
+
+    def detect_windows(self, feats: torch.Tensor, windows: np.ndarray, width: int, height: int) -> Detections:
+        """Detections from the features (Tensor[N, D]) of windows (ndarray[N, 4]) of one image."""
+        t = time.perf_counter()
+        scores, pooled = self.score_features(feats)
+        if self.use_bbox_reg and self.bbox_reg is not None:
+            boxes = self.bbox_reg.predict_all(pooled, windows)       # [N, K, 4]
+        else:
+            boxes = windows
+        self.timer.add("classify", time.perf_counter() - t)
+        t = time.perf_counter()
+        test = self.cfg.test
+        det = postprocess(scores, boxes, width, height, nms=test.nms, max_per_image=test.max_per_image,
+                          score_threshold=test.score_threshold)
+        self.timer.add("nms", time.perf_counter() - t)
+        return det
+
+    # ----------------------------------------------------------------- public
+    def __call__(self, image: str | Path | np.ndarray, proposals: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Detect objects in one image (a path or an RGB uint8 array [H, W, 3])."""
+        from .proposals import get_preset, selective_search
+
+        t = time.perf_counter()
+        array = load_image(image) if not isinstance(image, np.ndarray) else image
+        h, w = array.shape[:2]
+        self.timer.add("load", time.perf_counter() - t)
+        if proposals is None:
+            t = time.perf_counter()
+            preset = get_preset(self.cfg.proposals.mode, **self.cfg.proposals.overrides)
+            proposals = selective_search(array, preset, self.cfg.proposals.max_boxes)
+            self.timer.add("proposals", time.perf_counter() - t)
+        t = time.perf_counter()
+        key = None if isinstance(image, np.ndarray) else str(image)
+        feats = self.extractor.features((key, array), proposals)
+        self.timer.add("features", time.perf_counter() - t)
+        self.timer.images += 1
+        return self.detect_windows(feats, proposals, w, h).as_dict()
+
+    def detect_dataset(self, dataset: Dataset, *, workers: int | None = None,
+                       skip_bad_images: bool | None = None, show_progress: bool = True) -> dict[str, Detections]:
+        """Detections for every image of a split (proposals via the proposal store, conv maps cached)."""
+        from .proposals import compute_proposals, get_preset
+
+        skip = self.cfg.data.skip_bad_images if skip_bad_images is None else skip_bad_images
+        t = time.perf_counter()
+        preset = get_preset(self.cfg.proposals.mode, **self.cfg.proposals.overrides)
+        store = compute_proposals(dataset, preset, self.cfg.proposals.max_boxes,
+                                  workers=self.cfg.proposals.workers if workers is None else workers,
+                                  cache_dir=self.cache_dir, skip_bad_images=skip, progress=show_progress)
+        self.timer.add("proposals", time.perf_counter() - t)
+        out: dict[str, Detections] = {}
+        for rec in progress(dataset.records, desc="detect", unit="img", disable=None if show_progress else True):
+            if rec.image_id not in store:
+                log.warning("%s: skipped (no proposals: the image could not be decoded)", rec.path)
+                continue
+            boxes = store[rec.image_id]
+            t = time.perf_counter()
+            try:
+                feats = self.extractor.features(rec, boxes)
+            except ImageDecodeError as e:
+                if not skip:
+                    raise
+                log.warning("%s", e)
+                continue
+            self.timer.add("features", time.perf_counter() - t)
+            self.timer.images += 1
+            out[rec.image_id] = self.detect_windows(feats, boxes, rec.width, rec.height)
+        return out
+
+
+def make_extractor(cfg: Config, backbone, device: torch.device, cache_dir: Path) -> FeatureExtractor:
+    """The feature extractor a config describes (one place reads these settings)."""
+    f = cfg.features
+    return FeatureExtractor(
+        backbone, scales=tuple(f.scales), max_side=f.max_side, pyramid=tuple(f.pyramid), device=device,
+        cache_dir=Path(cache_dir) / "features", cache_dtype=f.cache_dtype, mode=f.mode,
+        rcnn_size=f.rcnn_size, rcnn_context=f.rcnn_context,
+    )
+
+
+def detections_to_json(det: Detections | dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:
+    """Detections as a JSON-ready list of {"box": [x1, y1, x2, y2], "label", "class", "score"}."""
+    d = det.as_dict() if isinstance(det, Detections) else det
+    return [
+        {"box": [round(float(v), 2) for v in b], "label": int(lab), "class": classes[int(lab)],
+         "score": round(float(s), 5)}
+        for b, s, lab in zip(d["boxes"], d["scores"], d["labels"])
+    ]
+
+
+def iter_image_paths(inputs: Iterable[str]) -> list[Path]:
+    """Expand files, folders (their images, sorted) and glob patterns into image paths."""
+    import glob
+
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in exts and q.is_file())
+        elif p.exists():
+            out.append(p)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                from .errors import SppdetError
+
+                raise SppdetError(f"{item}: no such image file, folder or matching pattern")
+            out += [Path(m) for m in matches if Path(m).is_file()]
+    return out
+
+
+def records_for_images(paths: list[Path]) -> Dataset:
+    """A ground-truth-free dataset of arbitrary image files (for proposal caching in ``sppdet detect``)."""
+    from .data.images import image_size
+
+    recs = []
+    for p in paths:
+        try:
+            w, h = image_size(p)
+        except ImageDecodeError as e:
+            log.warning("%s", e)
+            continue
+        recs.append(ImageRecord(image_id=str(p.resolve()), path=p, width=w, height=h))
+    return Dataset(name="images", split="detect", classes=[], records=recs)

@@ -1,0 +1,60 @@
+"""The fully connected layers trained on SPP features (fc6, fc7, classifier).
+
+The network module holds only layers; the loss, the SVMs, the regressors and
+NMS live elsewhere (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FCHead(nn.Module):
+    """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> cls_score.
+
+    Args:
+        in_dim: length of the pooled feature (bins x channels).
+        fc_dims: widths of the hidden layers (the paper: [4096, 4096]).
+        num_classes: K object classes; the classifier has K + 1 outputs
+            (index 0 is background).
+        dropout: dropout probability after each hidden layer (0.5 in the paper).
+    """
+
+    def __init__(self, in_dim: int, fc_dims: list[int] | tuple[int, ...], num_classes: int,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        self.in_dim = int(in_dim)
+        self.fc_dims = [int(d) for d in fc_dims]
+        self.num_classes = int(num_classes)
+        layers: list[nn.Module] = []
+        prev = self.in_dim
+        for d in self.fc_dims:
+            layers += [nn.Linear(prev, d), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            prev = d
+        self.hidden = nn.Sequential(*layers)
+        self.cls_score = nn.Linear(prev, self.num_classes + 1)
+        self.reset_parameters()
+
+    @property
+    def out_dim(self) -> int:
+        """Length of the fc7 (last hidden layer) feature."""
+        return self.fc_dims[-1] if self.fc_dims else self.in_dim
+
+    def reset_parameters(self) -> None:
+        # The paper starts fc6/fc7 from ImageNet-trained layers; here they are
+        # trained from scratch on SPP features, so He init suits the ReLUs.
+        for m in self.hidden:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.zeros_(self.cls_score.bias)
+
+    def fc7(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden features (Tensor[N, out_dim]) of pooled features x (Tensor[N, in_dim])."""
+        return self.hidden(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (Tensor[N, K + 1]) of pooled features x (Tensor[N, in_dim])."""
+        return self.cls_score(self.hidden(x))

@@ -1,0 +1,227 @@
+"""Fine-tuning of the fc layers on SPP features (the paper's §4 fine-tuning).
+
+The convolutional layers are frozen (their conv5 maps are cached, so an epoch
+never recomputes a convolution); only fc6, fc7 and a new (K+1)-way classifier
+are trained, on mini-batches of windows sampled from a few images: 25% of the
+windows are foreground (IoU >= 0.5 with a ground-truth box, labelled with its
+class), the rest background (IoU in [0.1, 0.5), label 0).  Horizontal flips
+are used when the caller provides mirrored features.
+
+With ``end_to_end`` the caller's feature function returns features that carry
+gradients back into the convolutional layers (what Fast R-CNN later did); the
+loop is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import SppdetError
+from ..utils.io import atomic_path
+from ..utils.progress import progress
+from .windows import ImageWindows
+
+log = logging.getLogger(__name__)
+
+#: ``feature_fn(image_index, window_indices, flip) -> Tensor[len(window_indices), D]``
+FeatureFn = Callable[[int, np.ndarray, bool], torch.Tensor]
+
+
+class TrainingError(SppdetError):
+    """Training cannot go on (e.g. the loss became NaN/inf)."""
+
+
+@dataclass
+class FinetuneParams:
+    iterations: int
+    batch_size: int = 128
+    images_per_batch: int = 2
+    fg_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou_low: float = 0.1
+    bg_iou_high: float = 0.5
+    lr: float = 0.001
+    lr_step_fraction: float = 0.6
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    flip: bool = True
+    seed: int = 0
+    snapshot_seconds: float = 60.0
+
+
+def sample_windows(windows: ImageWindows, num: int, fg_fraction: float, fg_iou: float,
+                   bg_low: float, bg_high: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``num`` windows of one image for a fine-tuning mini-batch.
+
+    Foreground: ``max_iou >= fg_iou`` (label = class + 1), at most
+    ``round(fg_fraction * num)`` of them, without replacement.  Background:
+    ``bg_low <= max_iou < bg_high`` (label 0) fill the rest, without
+    replacement when there are enough, else with replacement; if an image has
+    no window in the background range, windows with ``max_iou < bg_high`` are
+    used instead.
+
+    Returns:
+        (indices ndarray[M] int64, labels ndarray[M] int64) with M <= num
+        (M < num only when the image has too few windows of both kinds).
+    """
+    fg = np.flatnonzero(windows.max_iou >= fg_iou)
+    bg = np.flatnonzero((windows.max_iou >= bg_low) & (windows.max_iou < bg_high))
+    if len(bg) == 0:
+        bg = np.flatnonzero(windows.max_iou < bg_high)
+    n_fg = min(len(fg), int(round(fg_fraction * num)))
+    fg_sel = rng.choice(fg, n_fg, replace=False) if n_fg else np.zeros(0, np.int64)
+    n_bg = num - n_fg
+    if len(bg) == 0:
+        bg_sel = np.zeros(0, np.int64)
+    else:
+        bg_sel = rng.choice(bg, n_bg, replace=len(bg) < n_bg)
+    idx = np.concatenate([fg_sel, bg_sel]).astype(np.int64)
+    labels = np.concatenate([windows.best_label[fg_sel] + 1, np.zeros(len(bg_sel), np.int64)])
+    return idx, labels.astype(np.int64)
+
+
+def _snapshot_state(head: nn.Module, opt: torch.optim.Optimizer, it: int, rng: np.random.Generator,
+                    key: str, extra: dict | None) -> dict:
+    state = {"key": key, "iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
+             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+    if extra:
+        state["extra"] = {k: v.state_dict() for k, v in extra.items()}
+    return state
+
+
+def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWindows],
+             params: FinetuneParams, *, device: torch.device | str = "cpu",
+             snapshot: str | Path | None = None, key: str = "",
+             extra_modules: dict[str, nn.Module] | None = None,
+             extra_param_groups: list[dict] | None = None,
+             show_progress: bool = True) -> dict:
+    """Train ``head`` (an :class:`~sppdet.models.heads.FCHead`) with SGD.
+
+    Args:
+        head: the fc layers; trained in place.
+        feature_fn: pooled features of the given windows of an image (flipped or not).
+        windows: the training images' windows (images without any foreground or
+            background window are skipped).
+        params: schedule and sampling settings.
+        device: where the head runs.
+        snapshot: a file to save progress to (periodically and on Ctrl-C), and
+            to resume from when its ``key`` matches.
+        key: identifies the training run (config + data); a snapshot with
+            another key is ignored.
+        extra_modules / extra_param_groups: more modules saved in the snapshot
+            and optimised (end-to-end fine-tuning of the conv layers).
+
+    Returns:
+        stats: iterations, final loss (running mean), accuracy, seconds.
+
+    Raises:
+        TrainingError: when the loss becomes NaN or infinite (with the last values).
+    """
+    device = torch.device(device)
+    usable = [w for w in windows if len(w) and (w.max_iou < params.bg_iou_high).any()]
+    if not usable:
+        raise TrainingError("fine-tuning: no training image has background windows (check the proposals)")
+    head.to(device).train()
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad]}] + list(extra_param_groups or [])
+    opt = torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
+    base_lrs = [g.get("lr", params.lr) for g in opt.param_groups]
+    step_at = int(params.lr_step_fraction * params.iterations)
+    rng = np.random.default_rng(params.seed)
+    torch.manual_seed(params.seed)
+    start = 0
+    snapshot = Path(snapshot) if snapshot else None
+    if snapshot is not None and snapshot.is_file():
+        try:
+            state = torch.load(snapshot, map_location=device, weights_only=True)
+            if state.get("key") == key:
+                head.load_state_dict(state["head"])
+                opt.load_state_dict(state["optimizer"])
+                rng.bit_generator.state = state["numpy_rng"]
+                torch.set_rng_state(state["torch_rng"])
+                for name, mod in (extra_modules or {}).items():
+                    mod.load_state_dict(state["extra"][name])
+                start = int(state["iteration"])
+                log.info("fine-tuning: resuming from %s at iteration %d/%d", snapshot, start, params.iterations)
+            else:
+                log.info("fine-tuning: ignoring snapshot %s made with other settings", snapshot)
+        except Exception as e:  # a corrupt snapshot is rebuilt, never trusted
+            log.warning("fine-tuning: ignoring unreadable snapshot %s (%s)", snapshot, e)
+
+    def save(it: int) -> None:
+        if snapshot is None:
+            return
+        with atomic_path(snapshot) as tmp:
+            torch.save(_snapshot_state(head, opt, it, rng, key, extra_modules), tmp)
+
+    per_image = max(1, params.batch_size // params.images_per_batch)
+    loss_fn = nn.CrossEntropyLoss()
+    recent: list[float] = []
+    acc_hist: list[float] = []
+    t0 = time.perf_counter()
+    last_save = time.monotonic()
+    it = start
+    bar = progress(total=params.iterations, initial=start, desc="fine-tune", unit="it",
+                   disable=None if show_progress else True)
+    try:
+        while it < params.iterations:
+            scale = 0.1 if it >= step_at else 1.0
+            for g, lr0 in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr0 * scale
+            feats, labels = [], []
+            for j in rng.choice(len(usable), min(params.images_per_batch, len(usable)), replace=False):
+                w = usable[j]
+                idx, lab = sample_windows(w, per_image, params.fg_fraction, params.fg_iou,
+                                          params.bg_iou_low, params.bg_iou_high, rng)
+                if len(idx) == 0:
+                    continue
+                flip = bool(params.flip and rng.random() < 0.5)
+                feats.append(feature_fn(w.index, idx, flip).to(device, torch.float32))
+                labels.append(torch.from_numpy(lab))
+            x = torch.cat(feats)
+            y = torch.cat(labels).to(device)
+            logits = head(x)
+            loss = loss_fn(logits, y)
+            lv = float(loss.detach())
+            recent.append(lv)
+            if not math.isfinite(lv):
+                raise TrainingError(
+                    f"fine-tuning diverged at iteration {it + 1}: loss values "
+                    f"{', '.join(f'{v:.4g}' for v in recent[-5:])}; lower finetune.lr (now {params.lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc_hist.append(float((logits.detach().argmax(1) == y).float().mean()))
+            it += 1
+            bar.update(1)
+            if it % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(recent[-100:]):.3f}", acc=f"{np.mean(acc_hist[-100:]):.3f}")
+            if it % 500 == 0:
+                log.info("fine-tune it %d/%d loss %.4f acc %.3f lr %.2g", it, params.iterations,
+                         np.mean(recent[-500:]), np.mean(acc_hist[-500:]), params.lr * scale)
+            if snapshot is not None and time.monotonic() - last_save > params.snapshot_seconds:
+                save(it)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        save(it)
+        log.warning("fine-tuning interrupted at iteration %d; progress saved to %s", it, snapshot)
+        raise
+    finally:
+        bar.close()
+    save(it)
+    head.eval()
+    return {
+        "iterations": params.iterations,
+        "resumed_from": start,
+        "loss": float(np.mean(recent[-100:])) if recent else float("nan"),
+        "accuracy": float(np.mean(acc_hist[-100:])) if acc_hist else float("nan"),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,422 @@
+"""``sppdet train``: proposals -> conv5 features -> fine-tuning -> SVMs -> box regression -> checkpoint.
+
+Every stage is keyed by what produced it (config values, data, upstream
+stages) and its output is written atomically into ``RUN/stages/``; a stage
+whose output exists with the same key is skipped, so a killed run resumes.
+Inside a stage, proposals and conv5 maps are cached per image, and
+fine-tuning saves a snapshot periodically and on Ctrl-C.
+
+Files in RUN: ``config.yaml`` (the resolved config), ``train.log``,
+``timings.json`` (seconds per stage), ``stages/*.pt`` and ``model.pt`` (the
+checkpoint, DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import save_checkpoint
+from ..config import Config
+from ..data import dataset_from_config
+from ..data.records import Dataset
+from ..detect import make_extractor
+from ..errors import SppdetError
+from ..models.backbones import build_backbone
+from ..models.heads import FCHead
+from ..utils.device import resolve_device
+from ..utils.io import atomic_path, atomic_save_npy, atomic_write_json, atomic_write_text, default_cache_dir, stable_hash
+from ..utils.log import add_log_file
+from ..utils.progress import progress
+from .bbox_reg import select_regression_pairs, train_bbox_regressors
+from .finetune import FinetuneParams, finetune
+from .svm import SVMParams, WindowSet, feature_scale, train_svms
+from .windows import ImageWindows, build_windows
+
+log = logging.getLogger(__name__)
+
+STAGES = ("proposals", "features", "finetune", "svm", "bbox_reg")
+
+
+def features_key(cfg: Config, backbone) -> str:
+    """Identifies the features a config and backbone weights produce (for stage keys)."""
+    f = cfg.features
+    return stable_hash([backbone.name, backbone.weights_id, f.mode, f.scales, f.max_side, f.pyramid,
+                        f.rcnn_size, f.rcnn_context])
+
+
+def finetune_iterations(cfg: Config, num_images: int) -> int:
+    """Fine-tuning iterations: the config's, or scaled to the dataset size.
+
+    The paper fine-tunes for 250k mini-batches on VOC 2007 trainval (5011
+    images, ~50 per image); ``iterations_per_image`` scales that to smaller
+    sets, clamped to [min_iterations, max_iterations].
+    """
+    ft = cfg.finetune
+    if ft.iterations > 0:
+        return ft.iterations
+    n = int(round(ft.iterations_per_image * num_images))
+    return int(min(max(n, ft.min_iterations), ft.max_iterations))
+
+
+class WindowFeatures:
+    """Pooled features of training windows, by image index, window indices and flip.
+
+    SPP mode pools from the cached conv5 maps (computed once per image, scale
+    and flip); R-CNN mode looks up per-window features computed once per
+    image (crop, warp, forward each window) and cached on disk as float16.
+    """
+
+    def __init__(self, cfg: Config, extractor, dataset: Dataset, windows: list[ImageWindows], cache_dir: Path,
+                 show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.extractor = extractor
+        self.dataset = dataset
+        self.windows = windows
+        self.mode = extractor.mode
+        self.cache_dir = Path(cache_dir)
+        self.show_progress = show_progress
+        self._memo: dict[tuple[int, bool], np.ndarray] = {}
+
+    def _rcnn_file(self, i: int, flip: bool) -> Path:
+        w = self.windows[i]
+        key = stable_hash([features_key(self.cfg, self.extractor.backbone), w.record.image_id, str(w.record.path),
+                           stable_hash(w.boxes.round(2).tolist()), flip])
+        return self.cache_dir / "rcnn_windows" / f"{key}.npy"
+
+    def _rcnn_all(self, i: int, flip: bool) -> np.ndarray:
+        f = self._rcnn_file(i, flip)
+        if f.is_file():
+            try:
+                arr = np.load(f, allow_pickle=False)
+                if arr.shape == (len(self.windows[i]), self.extractor.feature_dim):
+                    return arr
+            except Exception:
+                pass
+            log.warning("%s: corrupt R-CNN window-feature cache, rebuilding", f)
+        feats = self.extractor.features(self.windows[i].record, self.windows[i].boxes, flip=flip)
+        arr = feats.detach().cpu().numpy().astype(np.float16)
+        atomic_save_npy(f, arr)
+        return arr
+
+    def prepare(self, flips: tuple[bool, ...]) -> None:
+        """Compute what every later stage needs, once (conv maps or R-CNN window features)."""
+        if self.mode == "spp":
+            for flip in flips:
+                self.extractor.precompute(self.dataset, flip=flip, progress=self.show_progress)
+        else:
+            items = [(i, f) for f in flips for i in range(len(self.windows))]
+            for i, f in progress(items, desc="R-CNN window features", unit="img",
+                                 disable=None if self.show_progress else True):
+                self._rcnn_all(i, f)
+
+    def __call__(self, i: int, idx: np.ndarray, flip: bool = False) -> torch.Tensor:
+        """Features (Tensor[len(idx), D] float32) of windows ``idx`` of training image ``i``."""
+        w = self.windows[i]
+        if self.mode == "spp":
+            rec = w.record
+            maps = self.extractor.conv_maps(rec.image_id, rec.path, flip=flip)
+            return self.extractor.pooled(maps, w.boxes[idx], rec.width, flip=flip).float()
+        return torch.from_numpy(self._rcnn_all(i, flip)[idx].astype(np.float32))
+
+
+class Pipeline:
+    """Trains a detector from a config into a run folder (see module docstring)."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, *, data_root: str | None = None,
+                 show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.stage_dir = self.run_dir / "stages"
+        self.data_root = data_root
+        self.show_progress = show_progress
+        self.device = resolve_device(cfg.device)
+        self.cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        self.timings: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def _timed(self, name: str, fn: Callable[[], Any], reused: bool = False) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+        prev = self.timings.get(name, {})
+        if reused and prev:
+            self.timings[name] = {**prev, "reused": True, "check_seconds": round(dt, 3)}
+        else:
+            self.timings[name] = {"seconds": round(dt, 3), "reused": reused}
+        log.info("stage %-9s %s in %.1f s", name, "reused" if reused else "done", dt)
+        atomic_write_json(self.run_dir / "timings.json", self.timings)
+        return out
+
+    def _stage_file(self, name: str) -> Path:
+        return self.stage_dir / f"{name}.pt"
+
+    def _load_stage(self, name: str, key: str) -> dict | None:
+        f = self._stage_file(name)
+        if not f.is_file():
+            return None
+        try:
+            data = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            log.warning("%s: unreadable stage output (%s); redoing the stage", f, e)
+            return None
+        if data.get("key") != key:
+            log.info("stage %s: settings or inputs changed; redoing it", name)
+            return None
+        return data
+
+    def _save_stage(self, name: str, key: str, payload: dict) -> None:
+        with atomic_path(self._stage_file(name), suffix=".pt") as tmp:
+            torch.save({"key": key, **payload}, tmp)
+
+    # ------------------------------------------------------------------- run
+    def run(self) -> Path:
+        """Run (or resume) every stage; returns the checkpoint path ``RUN/model.pt``."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = add_log_file(self.run_dir / "train.log")
+        try:
+            return self._run()
+        finally:
+            logging.getLogger("sppdet").removeHandler(handler)
+            handler.close()
+
+    def _run(self) -> Path:
+        cfg = self.cfg
+        tf = self.run_dir / "timings.json"
+        if tf.is_file():
+            try:
+                self.timings = json.loads(tf.read_text())
+            except ValueError:
+                self.timings = {}
+        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        t_all = time.perf_counter()
+        log.info("training %s into %s (device %s, cache %s)", cfg.name, self.run_dir, self.device, self.cache_dir)
+
+        dataset = dataset_from_config(cfg.data, cfg.data.train_split, self.data_root)
+        classes = list(cfg.data.classes or dataset.classes)
+        K = len(classes)
+        if K == 0:
+            raise SppdetError(f"{dataset.root}: split {cfg.data.train_split!r} has no annotated objects to train on")
+        log.info("data: %s/%s, %d images, %d classes", dataset.root, dataset.split, len(dataset), K)
+
+        # ---- proposals
+        from ..proposals import compute_proposals, get_preset
+
+        preset = get_preset(cfg.proposals.mode, **cfg.proposals.overrides)
+        store = self._timed("proposals", lambda: compute_proposals(
+            dataset, preset, cfg.proposals.max_boxes, workers=cfg.proposals.workers,
+            cache_dir=self.cache_dir, skip_bad_images=cfg.data.skip_bad_images,
+            progress=self.show_progress))
+        keep = [r for r in dataset.records if r.image_id in store]
+        if len(keep) < len(dataset.records):
+            log.warning("%d images without proposals (undecodable) are left out of training",
+                        len(dataset.records) - len(keep))
+        train_recs = [r if cfg.data.use_difficult else r.without_difficult() for r in keep]
+        train_set = Dataset(dataset.name, dataset.split, classes, train_recs, dataset.root)
+        windows = [build_windows(i, r, store[r.image_id], K) for i, r in enumerate(train_recs)]
+        n_obj = sum(w.num_gt for w in windows)
+        if n_obj == 0:
+            raise SppdetError(f"{dataset.root}: no (non-difficult) objects in split {dataset.split!r} to train on")
+        data_key = stable_hash([train_set.fingerprint(), classes, cfg.data.use_difficult, n_obj,
+                                preset.key(), cfg.proposals.max_boxes])
+
+        # ---- features
+        backbone = build_backbone(cfg.features.backbone, cfg.features.weights)
+        extractor = make_extractor(cfg, backbone, self.device, self.cache_dir)
+        feats = WindowFeatures(cfg, extractor, train_set, windows, self.cache_dir, self.show_progress)
+        flips = (False, True) if cfg.features.flip else (False,)
+        need_flips = flips if cfg.finetune.enabled and not cfg.finetune.end_to_end else (False,)
+        self._timed("features", lambda: feats.prepare(need_flips))
+        feat_key = stable_hash([features_key(cfg, backbone), data_key])
+
+        # ---- fine-tuning
+        head = None
+        ft_key = ""
+        if cfg.finetune.enabled:
+            head, ft_key = self._finetune(cfg, extractor, backbone, feats, windows, K, feat_key)
+            if cfg.finetune.end_to_end:
+                # the conv layers changed: cached maps of the old weights no longer apply
+                extractor = make_extractor(cfg, backbone, self.device, self.cache_dir)
+                feats = WindowFeatures(cfg, extractor, train_set, windows, self.cache_dir, self.show_progress)
+                self._timed("features_e2e", lambda: feats.prepare((False,)))
+                feat_key = stable_hash([features_key(cfg, backbone), data_key])
+
+        # ---- SVMs
+        svm_key = stable_hash([feat_key, ft_key, dataclasses.asdict(cfg.svm), cfg.seed])
+        svm_state = self._load_stage("svm", svm_key)
+        if svm_state is None:
+            svms, svm_stats = self._timed("svm", lambda: self._train_svms(cfg, feats, windows, head, K, classes))
+            self._save_stage("svm", svm_key, {"svm": svms.state_dict(), "stats": svm_stats})
+            svm_state = {"svm": svms.state_dict(), "stats": svm_stats}
+        else:
+            self._timed("svm", lambda: None, reused=True)
+
+        # ---- box regression
+        reg_state = None
+        if cfg.bbox_reg.enabled:
+            reg_key = stable_hash([feat_key, dataclasses.asdict(cfg.bbox_reg)])
+            reg_state = self._load_stage("bbox_reg", reg_key)
+            if reg_state is None:
+                reg = self._timed("bbox_reg", lambda: self._train_bbox_reg(cfg, feats, windows, K))
+                reg_state = {"bbox_reg": reg.state_dict()}
+                self._save_stage("bbox_reg", reg_key, reg_state)
+            else:
+                self._timed("bbox_reg", lambda: None, reused=True)
+
+        # ---- checkpoint
+        payload: dict[str, Any] = {
+            "config": cfg.to_dict(),
+            "classes": classes,
+            "backbone": {"name": backbone.name, "weights": cfg.features.weights,
+                         "weights_id": backbone.weights_id},
+            "feature_dim": extractor.feature_dim,
+            "svm": svm_state["svm"],
+            "stats": {"timings": self.timings, "train_images": len(train_recs), "train_objects": n_obj},
+        }
+        # default ImageNet weights (packaged Lite0, torchvision VGG16) are referenced; anything else
+        # (random init, a user's file, conv layers fine-tuned end to end) travels inside the checkpoint
+        rebuildable = cfg.features.weights is None and backbone.name in ("lite0", "vgg16")
+        if cfg.finetune.end_to_end or not rebuildable:
+            payload["backbone_state"] = backbone.state_dict()
+        if head is not None:
+            payload["head"] = head.state_dict()
+            payload["head_dims"] = list(head.fc_dims)
+        if reg_state is not None:
+            payload["bbox_reg"] = reg_state["bbox_reg"]
+        ckpt = save_checkpoint(self.run_dir / "model.pt", payload)
+        self.timings["total_seconds_this_run"] = round(time.perf_counter() - t_all, 3)
+        atomic_write_json(self.run_dir / "timings.json", self.timings)
+        log.info("checkpoint written to %s", ckpt)
+        return ckpt
+
+    # ---------------------------------------------------------------- stages
+    def _finetune(self, cfg, extractor, backbone, feats, windows, K, feat_key):
+        ft = cfg.finetune
+        iters = finetune_iterations(cfg, len(windows))
+        head = FCHead(extractor.feature_dim, ft.fc_dims, K, ft.dropout)
+        key = stable_hash([feat_key, dataclasses.asdict(ft), iters, cfg.features.flip, cfg.seed])
+        state = self._load_stage("finetune", key)
+        if state is not None:
+            head.load_state_dict(state["head"])
+            if ft.end_to_end:
+                backbone.load_state_dict(state["backbone"])
+                backbone.weights_id = state["backbone_weights_id"]
+            self._timed("finetune", lambda: None, reused=True)
+            return head.to(self.device).eval(), key
+        params = FinetuneParams(
+            iterations=iters, batch_size=ft.batch_size, images_per_batch=ft.images_per_batch,
+            fg_fraction=ft.fg_fraction, fg_iou=ft.fg_iou, bg_iou_low=ft.bg_iou_low, bg_iou_high=ft.bg_iou_high,
+            lr=ft.lr, lr_step_fraction=ft.lr_step_fraction, momentum=ft.momentum,
+            weight_decay=ft.weight_decay, flip=cfg.features.flip, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)
+        head.reset_parameters()
+        extra_modules, extra_groups = None, None
+        feature_fn = feats
+        if ft.end_to_end:
+            feature_fn = self._live_feature_fn(extractor, windows)
+            backbone.train()
+            for m in backbone.modules():  # frozen BatchNorm statistics, as usual for detection
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+            extra_modules = {"backbone": backbone}
+            extra_groups = [{"params": [p for p in backbone.parameters() if p.requires_grad],
+                             "lr": ft.lr * ft.conv_lr_mult}]
+        log.info("fine-tuning %s on %d images: %d iterations of %d windows", "conv+fc" if ft.end_to_end else "fc",
+                 len(windows), iters, ft.batch_size)
+        stats = self._timed("finetune", lambda: finetune(
+            head, feature_fn, windows, params, device=self.device,
+            snapshot=self.stage_dir / "finetune.snapshot.pt", key=key,
+            extra_modules=extra_modules, extra_param_groups=extra_groups, show_progress=self.show_progress))
+        payload = {"head": head.state_dict(), "stats": stats}
+        if ft.end_to_end:
+            backbone.eval()
+            backbone.weights_id = "e2e-" + stable_hash([key, stats["loss"]])
+            payload["backbone"] = backbone.state_dict()
+            payload["backbone_weights_id"] = backbone.weights_id
+        self._save_stage("finetune", key, payload)
+        (self.stage_dir / "finetune.snapshot.pt").unlink(missing_ok=True)
+        log.info("fine-tuning: loss %.4f, batch accuracy %.3f, %.1f s", stats["loss"], stats["accuracy"],
+                 stats["seconds"])
+        return head.eval(), key
+
+    def _live_feature_fn(self, extractor, windows):
+        from ..data.images import load_image
+
+        def fn(i: int, idx: np.ndarray, flip: bool) -> torch.Tensor:
+            rec = windows[i].record
+            maps = extractor.conv_maps_live(load_image(rec.path), flip=flip)
+            return extractor.pooled(maps, windows[i].boxes[idx], rec.width, flip=flip)
+
+        return fn
+
+    @torch.no_grad()
+    def _train_svms(self, cfg, feats, windows, head, K, classes):
+        use_fc7 = cfg.svm.features == "fc7"
+        if use_fc7:
+            head = head.to(self.device).eval()
+
+        def features(i: int, idx: np.ndarray) -> np.ndarray:
+            x = feats(i, idx, False)
+            if use_fc7:
+                x = torch.cat([head.fc7(x[j:j + 4096].to(self.device)) for j in range(0, len(x), 4096)])
+            return x.cpu().numpy().astype(np.float32)
+
+        def get_windows(i: int) -> WindowSet:
+            w = windows[i]
+            return WindowSet(features=features(i, np.arange(len(w))), gt_labels=w.gt_labels, max_iou=w.iou)
+
+        def get_positives(i: int) -> WindowSet:
+            w = windows[i]
+            gt = np.flatnonzero(w.gt_labels >= 0)
+            return WindowSet(features=features(i, gt), gt_labels=w.gt_labels[gt], max_iou=w.iou[gt])
+
+        # the feature-norm statistic over all kinds of windows, from a seeded sample of images
+        rng = np.random.default_rng(cfg.seed)
+        sample = []
+        for i in rng.choice(len(windows), min(len(windows), 32), replace=False):
+            n = len(windows[i])
+            sample.append(features(int(i), np.sort(rng.choice(n, min(n, 64), replace=False))))
+        scale = feature_scale(np.concatenate(sample), cfg.svm.feature_norm)
+
+        s = cfg.svm
+        params = SVMParams(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier,
+                           feature_norm=s.feature_norm, neg_iou=s.neg_iou, hard_threshold=s.hard_threshold,
+                           evict_threshold=s.evict_threshold, retrain_images=s.retrain_images,
+                           retrain_limit=s.retrain_limit, max_negatives_first=s.max_negatives_first,
+                           passes=s.passes, solver=s.solver, tol=s.tol, max_iter=s.max_iter,
+                           device=cfg.device, seed=cfg.seed)
+        return train_svms(get_windows, len(windows), K, params, class_names=classes,
+                          progress=self.show_progress, get_positives=get_positives, scale=scale)
+
+    @torch.no_grad()
+    def _train_bbox_reg(self, cfg, feats, windows, K):
+        xs, props, targets, labels = [], [], [], []
+        for w in progress(windows, desc="bbox-reg features", unit="img",
+                          disable=None if self.show_progress else True):
+            is_prop = np.flatnonzero(w.gt_labels < 0)
+            gt = w.record.boxes
+            idx, tb, lab = select_regression_pairs(w.boxes[is_prop], gt, w.record.labels, cfg.bbox_reg.min_iou)
+            if len(idx) == 0:
+                continue
+            win = is_prop[idx]
+            xs.append(feats(w.index, win, False).cpu().numpy().astype(np.float32))
+            props.append(w.boxes[win])
+            targets.append(tb)
+            labels.append(lab)
+        if not xs:
+            raise SppdetError("box regression: no proposal overlaps a ground-truth box by "
+                              f"IoU >= {cfg.bbox_reg.min_iou}; disable bbox_reg or check the proposals")
+        return train_bbox_regressors(np.concatenate(xs), np.concatenate(props), np.concatenate(targets),
+                                     np.concatenate(labels), K, lam=cfg.bbox_reg.lam)
+
+
+def train(cfg: Config, run_dir: str | Path, *, data_root: str | None = None, show_progress: bool = True) -> Path:
+    """Train (or resume training) a detector; returns the checkpoint path."""
+    return Pipeline(cfg, run_dir, data_root=data_root, show_progress=show_progress).run()
