@@ -13,7 +13,7 @@ from sppdet.cli import main
 from sppdet.data import load_image, load_voc
 from sppdet.data.images import image_size
 from sppdet.data.synthetic import (
-    _C, _MARGIN, SYNTHETIC_CLASSES, SyntheticSettings, _class_object, _homography, _warp,
+    _C, _MARGIN, DIFFICULT_MIN_SIDE, SYNTHETIC_CLASSES, SyntheticSettings, _class_object, _homography, _warp,
     make_synthetic, render_image,
 )
 from sppdet.errors import ConfigError, DatasetError
@@ -71,7 +71,7 @@ def test_ground_truth_sanity(synth):
         assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all()
         # integer-aligned boxes (tight boxes of pixels), so VOC files round-trip exactly
         np.testing.assert_array_equal(b, np.round(b))
-        small = np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) < 14
+        small = np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) < DIFFICULT_MIN_SIDE
         assert r.difficult[small].all(), "tiny objects are difficult"
     sides = np.concatenate([np.maximum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1])
                             for r in records])

@@ -27,7 +27,8 @@ colour alone identifies a class.  Objects occlude each other; each image holds
 Ground truth follows the VOC guidelines: the box is the tight box of the
 object's *visible* pixels (inside the image, not covered by later objects);
 ``truncated = 1`` when less than 85% of the object lies inside the image;
-``difficult = 1`` when the object is tiny (visible box side < 14 px) or heavily
+``difficult = 1`` when the object is tiny (drawn at 9-16 px, or a visible box
+side under 20 px) or heavily
 occluded (less than half of its in-image area visible).  Images are 320x240
 to 480x360, with Gaussian sensor noise, sometimes a slight blur, and JPEG
 compression (quality 70-95).
@@ -64,7 +65,10 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_CLASSES: tuple[str, ...] = ("checker", "cross", "ring", "star", "triangle")
 
 #: Bump when the drawing code changes, so an old set on disk is regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+
+#: Objects whose visible box has a side shorter than this are marked difficult.
+DIFFICULT_MIN_SIDE = 20
 
 _MANIFEST = "synthetic.json"
 _C = 160          # canonical canvas size (pixels)
@@ -85,9 +89,9 @@ class SyntheticSettings:
     max_objects: int = 5
     #: probability of 0, 1, ..., max_objects objects in an image
     objects_per_image: tuple[float, ...] = (0.08, 0.22, 0.25, 0.2, 0.15, 0.1)
-    min_object_size: int = 24       # normal objects: log-uniform in [min, max_object_frac * short side]
+    min_object_size: int = 32       # normal objects: log-uniform in [min, max_object_frac * short side]
     max_object_frac: float = 0.75
-    tiny_probability: float = 0.06  # objects of 9-16 px (these end up difficult)
+    tiny_probability: float = 0.06  # objects drawn at 9-16 px (always difficult)
     border_probability: float = 0.15  # objects placed across the image border (truncated)
     clutter: float = 1.0            # scales the number of distractor shapes and blobs
     jpeg_quality: tuple[int, int] = (70, 95)
@@ -455,10 +459,11 @@ def render_image(settings: SyntheticSettings, index: int,
             _composite(img, wp)
 
     owner = np.full((H, W), -1, dtype=np.int32)
-    placed: list[tuple[int, _Warped, int]] = []   # (label, warped, total pixels)
+    placed: list[tuple[int, _Warped, int, bool]] = []   # (label, warped, total pixels, tiny)
     for label in labels:
         for _attempt in range(15):
-            if rng.random() < settings.tiny_probability:
+            tiny = bool(rng.random() < settings.tiny_probability)
+            if tiny:
                 size = rng.uniform(9, 16)
             else:
                 size = math.exp(rng.uniform(math.log(settings.min_object_size),
@@ -492,7 +497,7 @@ def render_image(settings: SyntheticSettings, index: int,
             trial = owner.copy()
             trial[img_sl][full[loc_sl]] = len(placed)
             ok = True
-            for k, (_, wk, _tk) in enumerate(placed):
+            for k, (_, wk, _tk, _ti) in enumerate(placed):
                 wk_win = _clip_window(wk, W, H)
                 inside = int((wk.alpha[wk_win[1]] > 0.5).sum())
                 if int((trial == k).sum()) < 0.3 * inside:
@@ -502,11 +507,11 @@ def render_image(settings: SyntheticSettings, index: int,
                 continue
             owner = trial
             _composite(img, wp)
-            placed.append((label, wp, total))
+            placed.append((label, wp, total, tiny))
             break
 
     objects: list[SyntheticObject] = []
-    for k, (label, wp, total) in enumerate(placed):
+    for k, (label, wp, total, tiny) in enumerate(placed):
         vis = owner == k
         ys, xs = np.nonzero(vis)
         if len(xs) == 0:
@@ -516,7 +521,7 @@ def render_image(settings: SyntheticSettings, index: int,
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
         vis_frac = len(xs) / max(inside, 1)
         in_frac = inside / max(total, 1)
-        small = min(box[2] - box[0], box[3] - box[1]) < 14
+        small = tiny or min(box[2] - box[0], box[3] - box[1]) < DIFFICULT_MIN_SIDE
         objects.append(SyntheticObject(label=label, box=box, difficult=bool(small or vis_frac < 0.5),
                                        truncated=bool(in_frac < 0.85), visible_fraction=vis_frac,
                                        inside_fraction=in_frac))
@@ -604,8 +609,9 @@ def _readme(s: SyntheticSettings, n_trainval: int, n_test: int, counts: dict[str
         "Objects per class: " + ", ".join(f"{c} {counts[c]}" for c in s.classes),
         "",
         "Distractors (ellipses, irregular blobs, hexagons, rectangles, thick curves) carry the",
-        "same textures but belong to no class. difficult = tiny (visible box side < 14 px) or",
-        "less than half visible; truncated = less than 85% inside the image.",
+        "same textures but belong to no class. difficult = tiny (drawn at 9-16 px or a visible",
+        f"box side under {DIFFICULT_MIN_SIDE} px) or less than half visible; truncated = less than",
+        "85% inside the image.",
         "",
         "Settings:",
     ]
