@@ -1,0 +1,123 @@
+"""``sppdet bench proposals``: speed, boxes and recall of each selective-search preset.
+
+Every image is processed by every preset in one process with one OpenCV
+thread, the presets interleaved (the order rotates from image to image), so
+the ratios between presets hold even when the machine's load changes during
+the run.  Reported per preset: wall and CPU seconds per image (one core),
+the ratio to OpenCV's stock fast mode, boxes per image, recall at IoU 0.5
+and 0.7 and AR (IoU 0.5:0.95), with all boxes and with the first 500.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from ..errors import SppdetError
+
+#: Name of OpenCV's untouched ``switchToSelectiveSearchFast`` in the table.
+STOCK = "opencv-stock-fast"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "proposals", help="selective-search presets: s/img/core, boxes/img, recall",
+        description="Benchmark selective-search presets on a dataset (single process, one thread, "
+                    "presets interleaved per image).  The stock OpenCV fast mode is included as "
+                    f"'{STOCK}' (its own order, no cap) unless --no-stock.")
+    p.add_argument("--data", required=True, metavar="ROOT", help="VOC-format dataset root")
+    p.add_argument("--split", required=True, metavar="S", help="split(s), e.g. trainval,test")
+    p.add_argument("--presets", default="fast,quality", metavar="LIST",
+                   help="comma-separated preset names (default: fast,quality)")
+    p.add_argument("--no-stock", action="store_true", help=f"leave out {STOCK}")
+    p.add_argument("--max-boxes", type=int, default=2000, metavar="N", help="cap per image (default 2000)")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plots", default=None, metavar="DIR", help="recall plots of all presets to DIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import cv2
+
+    from ..data.images import load_image
+    from ..proposals.presets import get_preset
+    from ..proposals.recall import compute_recall, plot_recall
+    from ..proposals.runner import load_splits
+    from ..proposals.selective_search import opencv_selective_search, selective_search
+    from ..utils.progress import progress
+
+    names = [s.strip() for s in args.presets.split(",") if s.strip()]
+    presets = {n: get_preset(n) for n in names}
+    dataset = load_splits(args.data, args.split)
+    records = dataset.records[: args.limit] if args.limit and args.limit > 0 else dataset.records
+    if not records:
+        raise SppdetError(f"--data {args.data} --split {args.split}: no images")
+    methods = ([] if args.no_stock else [STOCK]) + names
+    cv2.setNumThreads(1)
+    wall = {m: [] for m in methods}
+    cpu = {m: [] for m in methods}
+    boxes: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    load0 = os.getloadavg()
+    for i, rec in enumerate(progress(records, desc="bench proposals", unit="img")):
+        image = load_image(rec.path)
+        for j in range(len(methods)):
+            m = methods[(i + j) % len(methods)]
+            t0, c0 = time.perf_counter(), time.process_time()
+            if m == STOCK:
+                b = opencv_selective_search(image, "fast")
+            else:
+                b = selective_search(image, presets[m], args.max_boxes)
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+            boxes[m][rec.image_id] = b
+    load1 = os.getloadavg()
+    sub = type(dataset)(name=dataset.name, split=dataset.split, classes=dataset.classes,
+                        records=list(records), root=dataset.root)
+    results = {m: compute_recall(sub, boxes[m]) for m in methods}
+    ref = STOCK if STOCK in methods else methods[0]
+    rows = []
+    for m in methods:
+        r = results[m]
+        rows.append({
+            "preset": m,
+            "key": presets[m].key() if m in presets else None,
+            "runs": presets[m].num_runs if m in presets else 12,
+            "s_per_img_wall": float(np.mean(wall[m])),
+            "s_per_img_cpu": float(np.mean(cpu[m])),
+            "time_ratio_vs_" + ref: float(np.sum(cpu[m]) / max(np.sum(cpu[ref]), 1e-12)),
+            "boxes_per_img": r.mean_boxes,
+            "recall@0.5": r.recall_50,
+            "recall@0.7": r.recall_70,
+            "AR": r.average_recall,
+            "recall@0.5_first500": r.recall_at(0.5, 500),
+            "AR_first500": float(r.recall_at_k[list(r.max_boxes_list).index(500)].mean()),
+            "AR_first100": float(r.recall_at_k[list(r.max_boxes_list).index(100)].mean()),
+        })
+    plots = [str(p) for p in plot_recall(results, args.plots)] if args.plots else []
+    info = {"dataset": f"{dataset.name}/{dataset.split}", "images": len(records),
+            "objects": results[methods[0]].num_gt, "max_boxes": args.max_boxes,
+            "opencv": cv2.__version__, "cpu_count": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in load1]}
+    if args.json:
+        print(json.dumps({"benchmark": "proposals", **info, "results": rows, "plots": plots}))
+        return 0
+    print(f"# {info['dataset']}: {info['images']} images, {info['objects']} objects (difficult excluded), "
+          f"max_boxes {args.max_boxes}, OpenCV {info['opencv']}, one thread, presets interleaved")
+    print(f"# load average before {load0[0]:.2f}, after {load1[0]:.2f} ({os.cpu_count()} cores)")
+    head = (f"| preset | runs | s/img/core (wall) | s/img/core (CPU) | CPU vs {ref} | boxes/img | "
+            f"recall@0.5 | recall@0.7 | AR | recall@0.5 first 500 | AR first 100 |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        print(f"| {r['preset']} | {r['runs']} | {r['s_per_img_wall']:.3f} | {r['s_per_img_cpu']:.3f} | "
+              f"{r['time_ratio_vs_' + ref]:.2f} | {r['boxes_per_img']:.0f} | {r['recall@0.5']:.3f} | "
+              f"{r['recall@0.7']:.3f} | {r['AR']:.3f} | {r['recall@0.5_first500']:.3f} | "
+              f"{r['AR_first100']:.3f} |")
+    for p in plots:
+        print(f"plot: {p}")
+    return 0
