@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_CLASSES: tuple[str, ...] = ("checker", "cross", "ring", "star", "triangle")
 
 #: Bump when the drawing code changes, so an old set on disk is regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 #: Objects whose visible box has a side shorter than this are marked difficult.
 DIFFICULT_MIN_SIDE = 20
@@ -178,7 +178,8 @@ def _fill(c: np.ndarray) -> np.ndarray:
 
 
 def _blend(c1: np.ndarray, c2: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return c1 * (1 - t[..., None]) + c2 * t[..., None]
+    """``c1 * (1 - t) + c2 * t`` for colours c1, c2 (ndarray[3]) and weights t (ndarray[H, W])."""
+    return c1 + t[..., None] * (c2 - c1)
 
 
 def _texture(kind: str, rng: np.random.Generator, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
