@@ -192,6 +192,30 @@ def test_16bit_grayscale_scaled(tmp_path):
         np.testing.assert_array_equal(out[:, :, ch], ref)
 
 
+def test_16bit_rgb_png(tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 65536, (10, 12, 3)).astype(np.uint16)   # RGB
+    p = tmp_path / "rgb16.png"
+    assert cv2.imwrite(str(p), a[:, :, ::-1])                   # OpenCV writes BGR
+    out = load_image(p).astype(np.int64)
+    ref = np.empty(a.shape, np.int64)
+    for idx in np.ndindex(*a.shape):
+        ref[idx] = round(int(a[idx]) * 255 / 65535)
+    assert out.shape == (10, 12, 3)
+    assert np.abs(out - ref).max() <= 1                         # high byte vs rounding: off by <= 1
+
+
+def test_16bit_tiff(tmp_path):
+    g = (np.arange(120).reshape(10, 12) * 500).astype(np.uint16)
+    p = _save(Image.fromarray(g), tmp_path / "g16.tif", "TIFF")
+    out = load_image(p)
+    for r in range(10):
+        for c in range(12):
+            assert out[r, c, 0] == out[r, c, 2] == round(int(g[r, c]) * 255 / 65535)
+
+
 def test_png_saved_as_jpg_loads(tmp_path):
     a = _pattern()
     p = _save(a, tmp_path / "really_png.jpg", "PNG")

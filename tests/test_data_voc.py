@@ -208,6 +208,17 @@ def test_missing_root(tmp_path):
     assert "nowhere" in _one_line(ei) and "not found" in str(ei.value)
 
 
+def test_devkit_folder_instead_of_root(tmp_path):
+    make_voc(tmp_path / "VOCdevkit" / "VOC2007", {"a": []})
+    with pytest.raises(DatasetError) as ei:
+        load_voc(tmp_path / "VOCdevkit", "trainval")
+    msg = _one_line(ei)
+    assert "not a VOC root" in msg and "did you mean" in msg and str(tmp_path / "VOCdevkit" / "VOC2007") in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="not a VOC root: no ImageSets/Main folder"):
+        load_voc(tmp_path / "empty", "trainval")
+
+
 def test_missing_split_file(tmp_path):
     root = make_voc(tmp_path, {"a": []}, split="train")
     with pytest.raises(DatasetError) as ei:

@@ -7,7 +7,8 @@
 * Modes are converted to RGB: grayscale (``L``, ``1``), palette (``P``),
   ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``; 16-bit and 32-bit grayscale
   (``I;16*``, ``I``, ``F``) are scaled to 8 bits (``v * 255 / 65535`` for
-  16-bit data, rounded).  Images with an alpha channel (``RGBA``, ``LA``,
+  16-bit data, rounded); 16-bit-per-channel RGB PNGs are decoded by Pillow to
+  their high bytes (within 1 of the rounded scaling).  Images with an alpha channel (``RGBA``, ``LA``,
   ``PA``, ``P`` with a transparent colour) are **composited on white**: a
   transparent region becomes white, not black, which is how viewers and
   annotation tools display it.  Multi-frame files (GIF, TIFF) give their

@@ -278,6 +278,12 @@ def load_voc(root: str | Path, split: str, classes: Sequence[str] | None = None,
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found (expected a VOC root with "
                            f"Annotations/, JPEGImages/, ImageSets/Main/)")
+    if not (root / "ImageSets" / "Main").is_dir():
+        subs = sorted(p.name for p in root.iterdir()
+                      if p.is_dir() and (p / "ImageSets" / "Main").is_dir())
+        hint = (f"; did you mean {', '.join(str(root / n) for n in subs)}?" if subs else
+                " (expected a VOC root with Annotations/, JPEGImages/, ImageSets/Main/)")
+        raise DatasetError(f"{root}: not a VOC root: no ImageSets/Main folder{hint}")
     ids = read_split(split_file(root, split))
 
     from ..utils.progress import progress
