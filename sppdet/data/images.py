@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -67,15 +66,15 @@ def _one_line(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _strict_decoding() -> Iterator[None]:
-    """Decode with ``LOAD_TRUNCATED_IMAGES`` off; turn Pillow's warnings into errors."""
+    """Decode with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off (restored afterwards).
+
+    (No ``warnings.catch_warnings`` here: it is not thread-safe, and images are
+    decoded from worker threads.)
+    """
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
-            # DecompressionBombWarning (a huge image) stays a warning; corrupt EXIF
-            # data raises UserWarning in some Pillow versions: keep it quiet.
-            warnings.simplefilter("ignore", UserWarning)
-            yield
+        yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
