@@ -1,0 +1,509 @@
+"""Window features: SPP mode (one conv pass per image and scale) and R-CNN mode (one per window).
+
+SPP mode (the paper's):
+
+1. the image is resized so its shorter side is ``s`` (each of ``scales``), the
+   longer side capped at ``max_side`` (so a huge image cannot exhaust memory);
+2. the backbone runs once per image and scale; the conv5 map is stored in a
+   disk cache (``cache_dtype``, float16 by default) keyed by the backbone
+   weights, the image content, the scale, ``max_side`` and the flip;
+3. each window (in original-image coordinates) picks the scale that makes its
+   area closest to 224^2 (:func:`~sppdet.models.spp.choose_scales`), is scaled,
+   projected onto the conv5 cells of that scale and max-pooled into the
+   pyramid (:func:`~sppdet.models.spp.spp_pool`).  Pooled features are computed
+   on demand from the cached maps and never stored.
+
+R-CNN mode: every window is enlarged so that, once warped to ``rcnn_size``
+(224) pixels square, ``rcnn_context`` (16) pixels of image context surround
+it (R-CNN's padding; image outside the picture is the normalisation's zero,
+i.e. the mean colour), sampled bilinearly from the original image
+(``torchvision.ops.roi_align``, one sample per output pixel, ``aligned=True``),
+run through the same backbone, and the whole window map is pooled with the
+same pyramid -- the features have the same length as in SPP mode, so every
+later stage runs on either.
+
+Boxes are float ``(x1, y1, x2, y2)``, 0-based continuous pixels of the
+original image (DESIGN §3).  ``flip=True`` means "the horizontally mirrored
+image": its conv maps are computed on the mirrored pixels and boxes given in
+the original image are mirrored (``x -> W - x``) before pooling, so
+``features(img, boxes, flip=True) == features(mirror(img), mirror(boxes))``.
+
+Disk cache files: ``<cache_dir>/<backbone>-<weights_id[:8]>/<kk>/<key>.npz``
+with arrays ``fmap`` (``[C, h, w]``, cache dtype), ``factor`` (resize factor),
+``size`` (original ``[H, W]``) and ``key`` (the full key string).  They are
+written atomically and read with ``allow_pickle=False``; a file that cannot be
+read, holds another key, or has the wrong channel count or dtype is logged
+and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+
+from .boxes import flip_boxes
+from .models.backbones import Backbone
+from .models.spp import (DEFAULT_LEVELS, choose_scales, feature_dim, project_windows, resize_factor, spp_pool,
+                         spp_pool_whole)
+from .utils.io import atomic_path, file_sha1, stable_hash
+from .utils.progress import progress
+
+log = logging.getLogger(__name__)
+
+#: Bump when the content of a cache file would change for the same key.
+CACHE_FORMAT = "sppdet-conv5-v1"
+_FLOAT16_MAX = 65504.0
+
+
+
+def resize_image(image: np.ndarray, factor: float) -> np.ndarray:
+    """Resize an RGB uint8 image (ndarray[H, W, 3]) by ``factor`` to ``round(H f) x round(W f)``.
+
+    Area interpolation when shrinking (anti-aliased), bilinear when enlarging.
+    """
+    h, w = image.shape[:2]
+    nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+    if (nh, nw) == (h, w):
+        return image
+    interp = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=interp)
+
+
+def context_boxes(boxes: np.ndarray, size: int = 224, context: int = 16) -> np.ndarray:
+    """R-CNN's context padding: enlarge boxes so that ``context`` px surround them at ``size`` px.
+
+    Args:
+        boxes (ndarray[N, 4]): ``(x1, y1, x2, y2)`` continuous; widths/heights below
+            1 px are treated as 1 px.
+        size, context: the warp size and the context in warped pixels.
+
+    Returns:
+        ndarray[N, 4] float64: boxes ``size / (size - 2 context)`` times larger about
+        the same centres (not clipped: the part outside the image is mean-filled).
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cx, cy = 0.5 * (b[:, 0] + b[:, 2]), 0.5 * (b[:, 1] + b[:, 3])
+    w = np.maximum(b[:, 2] - b[:, 0], 1.0)
+    h = np.maximum(b[:, 3] - b[:, 1], 1.0)
+    s = float(size) / float(size - 2 * context)
+    return np.stack([cx - 0.5 * w * s, cy - 0.5 * h * s, cx + 0.5 * w * s, cy + 0.5 * h * s], axis=1)
+
+
+class FeatureExtractor:
+    """Per-window features from a backbone, in SPP mode or R-CNN mode.
+
+    Args:
+        backbone: a :class:`~sppdet.models.backbones.Backbone` (moved to ``device``).
+        scales: shorter-side sizes (``(688,)`` single scale; the paper's multi-scale
+            set is ``(480, 576, 688, 864, 1200)``).
+        max_side: cap on the longer side after resizing.
+        pyramid: SPP levels (bins per axis), e.g. ``(4, 2, 1)``.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a ``torch.device``.
+        cache_dir: folder of the conv5 disk cache; ``None`` keeps maps in memory only.
+        cache_dtype: ``float16`` (default) or ``float32`` storage of conv5 maps.
+        mode: ``spp`` or ``rcnn``.
+        rcnn_size, rcnn_context: R-CNN warp size and context padding (pixels at that size).
+        rcnn_batch: windows per backbone batch in R-CNN mode.
+        memory_cache: conv maps (image x scale x flip) kept in an in-memory LRU.
+    """
+
+    def __init__(self, backbone: Backbone, *, scales: Sequence[int] = (688,), max_side: int = 2000,
+                 pyramid: Sequence[int] = DEFAULT_LEVELS, device: str | torch.device = "cpu",
+                 cache_dir: str | Path | None = None, cache_dtype: str = "float16", mode: str = "spp",
+                 rcnn_size: int = 224, rcnn_context: int = 16, rcnn_batch: int = 32,
+                 memory_cache: int = 16) -> None:
+        if mode not in ("spp", "rcnn"):
+            raise ValueError(f"mode must be spp or rcnn, got {mode!r}")
+        if cache_dtype not in ("float16", "float32"):
+            raise ValueError(f"cache_dtype must be float16 or float32, got {cache_dtype!r}")
+        if not scales or any(int(s) <= 0 for s in scales):
+            raise ValueError(f"scales must be positive sizes, got {scales!r}")
+        if 2 * rcnn_context >= rcnn_size:
+            raise ValueError(f"rcnn_context {rcnn_context} leaves nothing of a {rcnn_size}-px warp")
+        if isinstance(device, str) and device == "auto":
+            from .utils.device import resolve_device
+
+            device = resolve_device("auto")
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device)
+        self.scales = tuple(int(s) for s in scales)
+        self.max_side = int(max_side)
+        self.pyramid = tuple(int(n) for n in pyramid)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dtype = cache_dtype
+        self.mode = mode
+        self.rcnn_size = int(rcnn_size)
+        self.rcnn_context = int(rcnn_context)
+        self.rcnn_batch = int(rcnn_batch)
+        self._torch_dtype = torch.float16 if cache_dtype == "float16" else torch.float32
+        self._mem: OrderedDict[str, tuple[float, torch.Tensor, tuple[int, int]]] = OrderedDict()
+        self._mem_size = int(memory_cache)
+        self._hash_memo: dict[tuple[str, int, int], str] = {}
+        self.stats = {"hits_memory": 0, "hits_disk": 0, "computed": 0, "rebuilt": 0}
+
+    # ------------------------------------------------------------------ info
+    @property
+    def feature_dim(self) -> int:
+        """Length ``D`` of a window feature: ``out_channels * sum(n * n)``."""
+        return feature_dim(self.backbone.out_channels, self.pyramid)
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor(backbone={self.backbone.name}, mode={self.mode}, scales={self.scales}, "
+                f"max_side={self.max_side}, pyramid={self.pyramid}, dim={self.feature_dim}, device={self.device})")
+
+    # ------------------------------------------------------------ image keys
+    def _image_key(self, src: Any) -> str:
+        """Content hash of an image file (memoised by path, size, mtime) or array."""
+        if isinstance(src, np.ndarray):
+            a = np.ascontiguousarray(src)
+            h = hashlib.sha1(str((a.shape, a.dtype.str)).encode())
+            h.update(a.view(np.uint8).reshape(-1).data)
+            return "a:" + h.hexdigest()
+        p = Path(src)
+        try:
+            st = p.stat()
+        except OSError:
+            # let the decoder raise its one-line ImageDecodeError
+            return "missing:" + str(p)
+        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in self._hash_memo:
+            self._hash_memo[memo] = "f:" + file_sha1(p)
+        return self._hash_memo[memo]
+
+    def _map_key(self, image_key: str, scale: int, flip: bool) -> str:
+        bb = self.backbone
+        return stable_hash([CACHE_FORMAT, bb.name, bb.weights_id, image_key, scale, self.max_side, bool(flip),
+                            self.cache_dtype], length=40)
+
+    def _cache_file(self, key: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        bb = self.backbone
+        return self.cache_dir / f"{bb.name}-{str(bb.weights_id)[:8]}" / key[:2] / f"{key}.npz"
+
+    # ------------------------------------------------------------ disk cache
+    def _load_entry(self, key: str, scale: int) -> tuple[float, torch.Tensor, tuple[int, int]] | None:
+        f = self._cache_file(key)
+        if f is None or not f.is_file():
+            return None
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                stored_key = str(z["key"])
+                fmap = z["fmap"]
+                factor = float(z["factor"])
+                size = tuple(int(v) for v in z["size"])
+            problem = None
+            if stored_key != key:
+                problem = "holds another key (stale)"
+            elif fmap.ndim != 3 or fmap.shape[0] != self.backbone.out_channels or fmap.dtype != np.dtype(
+                    self.cache_dtype):
+                problem = f"has a {fmap.dtype} map of shape {fmap.shape}"
+            elif len(size) != 2 or factor != resize_factor(size[0], size[1], scale, self.max_side):
+                problem = "has an inconsistent resize factor"
+        except Exception as e:  # truncated zip, missing array, garbage bytes ...
+            problem = f"is unreadable ({type(e).__name__}: {str(e)[:80]})"
+        if problem:
+            log.warning("%s: conv5 cache file %s; rebuilding it", f, problem)
+            self.stats["rebuilt"] += 1
+            return None
+        return factor, torch.from_numpy(fmap), (size[0], size[1])
+
+    def _save_entry(self, key: str, factor: float, fmap: torch.Tensor, size: tuple[int, int]) -> None:
+        f = self._cache_file(key)
+        if f is None:
+            return
+        with atomic_path(f, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, fmap=fmap.numpy(), factor=np.float64(factor), size=np.asarray(size, np.int64),
+                         key=np.str_(key))
+
+    def _remember(self, key: str, entry: tuple[float, torch.Tensor, tuple[int, int]]) -> None:
+        if self._mem_size <= 0:
+            return
+        self._mem[key] = entry
+        self._mem.move_to_end(key)
+        while len(self._mem) > self._mem_size:
+            self._mem.popitem(last=False)
+
+    # -------------------------------------------------------------- compute
+    @staticmethod
+    def _load_image(src: Any) -> np.ndarray:
+        if isinstance(src, np.ndarray):
+            arr = src
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {arr.dtype} {arr.shape}")
+            return arr
+        from .data.images import load_image
+
+        return load_image(src)
+
+    def _forward_scales(self, image: np.ndarray, *, grad: bool) -> list[tuple[float, torch.Tensor]]:
+        """Backbone maps of ``image`` at every scale (Tensor[C, h, w] float32 on the device)."""
+        H, W = image.shape[:2]
+        out: list[tuple[float, torch.Tensor]] = []
+        by_size: dict[tuple[int, int], torch.Tensor] = {}
+        for s in self.scales:
+            f = resize_factor(H, W, s, self.max_side)
+            resized = resize_image(image, f)
+            sz = resized.shape[:2]
+            if sz not in by_size:
+                x = self.backbone.preprocess(resized)[None].to(self.device)
+                with torch.set_grad_enabled(grad):
+                    by_size[sz] = self.backbone(x)[0]
+            out.append((f, by_size[sz]))
+        return out
+
+    def _to_storage(self, fmap: torch.Tensor) -> torch.Tensor:
+        t = fmap.detach().to("cpu", torch.float32)
+        if self._torch_dtype == torch.float16:
+            peak = float(t.abs().max()) if t.numel() else 0.0
+            if peak > _FLOAT16_MAX:
+                log.warning("conv5 values up to %.3g exceed float16's range; clipped in the cache "
+                            "(use cache_dtype float32 for this backbone)", peak)
+                t = t.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
+        return t.to(self._torch_dtype).contiguous()
+
+    def _maps(self, image_id: str | None, src: Any, flip: bool) -> tuple[list[tuple[float, torch.Tensor]],
+                                                                        tuple[int, int]]:
+        """Stored (cache-dtype, CPU) maps of every scale and the original (H, W)."""
+        ikey = self._image_key(src) if (image_id is not None or not isinstance(src, np.ndarray)) else None
+        keys = [self._map_key(ikey, s, flip) if ikey else None for s in self.scales]
+        entries: list[tuple[float, torch.Tensor, tuple[int, int]] | None] = []
+        for k, s in zip(keys, self.scales):
+            e = None
+            if k is not None:
+                e = self._mem.get(k)
+                if e is not None:
+                    self._mem.move_to_end(k)
+                    self.stats["hits_memory"] += 1
+                else:
+                    e = self._load_entry(k, s)
+                    if e is not None:
+                        self.stats["hits_disk"] += 1
+                        self._remember(k, e)
+            entries.append(e)
+        if any(e is None for e in entries):
+            image = self._load_image(src)
+            if flip:
+                image = np.ascontiguousarray(image[:, ::-1])
+            size = (int(image.shape[0]), int(image.shape[1]))
+            computed = self._forward_scales(image, grad=False)
+            for i, (k, (f, fmap)) in enumerate(zip(keys, computed)):
+                if entries[i] is not None:
+                    continue
+                stored = self._to_storage(fmap)
+                entries[i] = (f, stored, size)
+                self.stats["computed"] += 1
+                if k is not None:
+                    self._save_entry(k, f, stored, size)
+                    self._remember(k, entries[i])
+        size = entries[0][2]
+        return [(e[0], e[1]) for e in entries], size
+
+    # ---------------------------------------------------------------- public
+    def conv_maps(self, image_id: str | None, path_or_array: Any, flip: bool = False
+                  ) -> list[tuple[float, torch.Tensor]]:
+        """Conv5 maps of an image at every scale, computed once and cached.
+
+        Args:
+            image_id: the dataset's id (only for messages; the cache key is the image
+                content), or ``None`` with an array to skip the caches.
+            path_or_array: an image file or an RGB uint8 ndarray[H, W, 3].
+            flip: maps of the horizontally mirrored image.
+
+        Returns:
+            ``[(factor, Tensor[C, h, w]), ...]`` per scale, in ``cache_dtype`` on the
+            extractor's device (values exactly as stored, so cached and fresh maps agree).
+
+        Raises:
+            ImageDecodeError: from :func:`sppdet.data.images.load_image`.
+        """
+        maps, _ = self._maps(image_id, path_or_array, flip)
+        return [(f, m.to(self.device)) for f, m in maps]
+
+    def conv_maps_live(self, image_array: np.ndarray, flip: bool = False) -> list[tuple[float, torch.Tensor]]:
+        """Maps with autograd (end-to-end fine-tuning): no cache, float32, current backbone mode.
+
+        Returns:
+            ``[(factor, Tensor[C, h, w]), ...]`` per scale; gradients flow to the backbone.
+        """
+        image = self._load_image(image_array)
+        if flip:
+            image = np.ascontiguousarray(image[:, ::-1])
+        return self._forward_scales(image, grad=True)
+
+    def pooled(self, maps: list[tuple[float, torch.Tensor]], boxes_orig: np.ndarray, image_width: int,
+               flip: bool = False) -> torch.Tensor:
+        """SPP features of windows from conv maps.
+
+        Args:
+            maps: from :meth:`conv_maps` or :meth:`conv_maps_live` (same ``flip``).
+            boxes_orig (ndarray[N, 4]): ``(x1, y1, x2, y2)`` in the ORIGINAL (unflipped)
+                image, 0-based continuous.
+            image_width: width of the original image (for mirroring).
+            flip: the maps are of the mirrored image; boxes are mirrored to match.
+
+        Returns:
+            Tensor[N, D] float32 on the maps' device (differentiable for live maps).
+        """
+        boxes = np.asarray(boxes_orig, dtype=np.float64).reshape(-1, 4)
+        if flip:
+            boxes = flip_boxes(boxes, image_width)
+        dev = maps[0][1].device
+        N = len(boxes)
+        if N == 0:
+            return torch.zeros((0, self.feature_dim), dtype=torch.float32, device=dev)
+        which = choose_scales(boxes, [f for f, _ in maps]) if len(maps) > 1 else torch.zeros(N, dtype=torch.int64)
+        bb = self.backbone
+        parts, order = [], []
+        for s, (f, fmap) in enumerate(maps):
+            idx = torch.nonzero(which == s).flatten()
+            if len(idx) == 0:
+                continue
+            cells = project_windows(boxes[idx.numpy()] * f, bb.stride, fmap.shape[1], fmap.shape[2],
+                                    bb.center_offset)
+            m = fmap.float() if (fmap.is_cuda and fmap.dtype == torch.float16) else fmap
+            parts.append(spp_pool(m, cells, self.pyramid).to(torch.float32))
+            order.append(idx)
+        out = torch.cat(parts)
+        perm = torch.cat(order)
+        if len(parts) == 1:
+            return out
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(N)
+        return out.index_select(0, inv.to(out.device))
+
+    def features(self, item: Any, boxes_orig: np.ndarray, flip: bool = False) -> torch.Tensor:
+        """Features of the windows of one image, in this extractor's mode.
+
+        Args:
+            item: an :class:`~sppdet.data.records.ImageRecord` or ``(image_id, path_or_array)``
+                (``image_id`` may be ``None`` for an array: nothing is cached then).
+            boxes_orig (ndarray[N, 4]): windows in original-image coordinates.
+            flip: features of the mirrored image (boxes are given unmirrored).
+
+        Returns:
+            Tensor[N, D] float32 (``D = feature_dim`` in both modes).
+        """
+        if isinstance(item, tuple):
+            image_id, src = item
+        else:
+            image_id, src = item.image_id, item.path
+        if self.mode == "rcnn":
+            return self._rcnn_features(src, boxes_orig, flip)
+        maps, size = self._maps(image_id, src, flip)
+        maps = [(f, m.to(self.device)) for f, m in maps]
+        with torch.no_grad():
+            return self.pooled(maps, boxes_orig, size[1], flip=flip)
+
+    # ---------------------------------------------------------------- R-CNN
+    def warp_windows(self, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """R-CNN crops: windows with context, warped to ``rcnn_size`` squares.
+
+        Args:
+            image (ndarray[H, W, 3] uint8): RGB (already mirrored if wanted).
+            boxes (ndarray[N, 4]): windows in that image's coordinates.
+
+        Returns:
+            Tensor[N, 3, size, size]: normalised crops on the extractor's device.
+        """
+        x = self.backbone.preprocess(image)[None].to(self.device)
+        big = torch.as_tensor(context_boxes(boxes, self.rcnn_size, self.rcnn_context), dtype=torch.float32,
+                              device=self.device)
+        return torchvision.ops.roi_align(x, [big], output_size=(self.rcnn_size, self.rcnn_size),
+                                         spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+    def _rcnn_features(self, src: Any, boxes_orig: np.ndarray, flip: bool) -> torch.Tensor:
+        image = self._load_image(src)
+        boxes = np.asarray(boxes_orig, dtype=np.float64).reshape(-1, 4)
+        if flip:
+            image = np.ascontiguousarray(image[:, ::-1])
+            boxes = flip_boxes(boxes, image.shape[1])
+        outs = []
+        batches = range(0, len(boxes), self.rcnn_batch)
+        with torch.no_grad():
+            for b0 in progress(batches, desc="R-CNN windows", unit="batch", disable=None if len(boxes) > 256 else True):
+                crops = self.warp_windows(image, boxes[b0:b0 + self.rcnn_batch])
+                outs.append(spp_pool_whole(self.backbone(crops), self.pyramid).float())
+        if not outs:
+            return torch.zeros((0, self.feature_dim), dtype=torch.float32, device=self.device)
+        return torch.cat(outs)
+
+    # ------------------------------------------------------------ whole splits
+    def is_cached(self, image_id: str | None, path: str | Path, flip: bool = False) -> bool:
+        """Whether every scale's map of this image has a cache file (not validated)."""
+        if self.cache_dir is None:
+            return False
+        ikey = self._image_key(path)
+        return all(self._cache_file(self._map_key(ikey, s, flip)).is_file() for s in self.scales)
+
+    def precompute(self, dataset: Iterable[Any], flip: bool = False, progress: bool = True) -> dict[str, int]:
+        """Compute (or find) the conv5 maps of every image of a split; resumable.
+
+        Images whose maps are already on disk are skipped, so an interrupted run
+        continues where it stopped.  Nothing to do in R-CNN mode.
+
+        Returns:
+            ``{"images", "computed", "cached"}`` counts.
+        """
+        from .utils.progress import progress as bar
+
+        records = list(dataset)
+        stats = {"images": len(records), "computed": 0, "cached": 0}
+        if self.mode != "spp":
+            return stats
+        for rec in bar(records, desc="conv5 maps" + (" (flipped)" if flip else ""), unit="img",
+                       disable=None if progress else True):
+            if self.is_cached(rec.image_id, rec.path, flip):
+                stats["cached"] += 1
+                continue
+            self._maps(rec.image_id, rec.path, flip)
+            stats["computed"] += 1
+        return stats
+
+    def disk_report(self, dataset: Iterable[Any], num_windows: int | Sequence[int],
+                    flips: Sequence[bool] = (False,)) -> dict[str, Any]:
+        """Disk use of a split's conv5 cache against caching one feature per window.
+
+        Args:
+            dataset: the split's records (their maps should be precomputed).
+            num_windows: windows per image (one number, or one per record).
+            flips: which flips count (``(False, True)`` when training with mirrors).
+
+        Returns:
+            dict with ``images``, ``windows``, ``conv5_cache_bytes`` (files on disk),
+            ``missing_maps``, ``per_window_bytes`` (``windows x D x 4`` bytes of
+            float32 features, per flip) and ``ratio`` (per-window / conv5).
+        """
+        records = list(dataset)
+        nw = [int(num_windows)] * len(records) if np.isscalar(num_windows) else [int(v) for v in num_windows]
+        if len(nw) != len(records):
+            raise ValueError("num_windows: one count per record expected")
+        total, missing = 0, 0
+        for rec in records:
+            ikey = self._image_key(rec.path)
+            for flip in flips:
+                for s in self.scales:
+                    f = self._cache_file(self._map_key(ikey, s, flip)) if self.cache_dir else None
+                    if f is not None and f.is_file():
+                        total += os.path.getsize(f)
+                    else:
+                        missing += 1
+        windows = int(sum(nw)) * len(flips)
+        per_window = windows * self.feature_dim * 4
+        return {"images": len(records), "windows": windows, "feature_dim": self.feature_dim,
+                "conv5_cache_bytes": int(total), "missing_maps": int(missing),
+                "per_window_bytes": int(per_window),
+                "ratio": (per_window / total) if total else float("nan")}
+
+
+__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "CACHE_FORMAT"]
