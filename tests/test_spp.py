@@ -268,3 +268,11 @@ def test_empty_and_invalid_inputs():
         spp.spp_pool(fmap, torch.tensor([[3, 0, 2, 4]]))
     with pytest.raises(ValueError, match="positive"):
         spp.spp_pool(fmap, torch.tensor([[0, 0, 1, 1]]), (4, 0))
+
+
+def test_pooling_benchmark_checks_identity():
+    from sppdet.commands.bench_features import bench_pooling
+
+    res = bench_pooling(8, 9, 11, 50, (4, 2, 1), repeat=1, seed=0)
+    assert res["identical_f32"] and res["identical_f16"]
+    assert res["windows"] == 50 and set(res["seconds_median"]) == {"roi_pool", "sppdet_f32", "sppdet_f16"}

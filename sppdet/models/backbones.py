@@ -96,7 +96,8 @@ class Backbone(nn.Module):
         arr = np.asarray(image)
         if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
             raise ValueError(f"preprocess: expected an RGB uint8 array [H, W, 3], got {arr.dtype} {arr.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()
+        x = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
         return (x - mean) / std
