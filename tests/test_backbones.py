@@ -32,8 +32,8 @@ def _single_thread():
 @pytest.mark.parametrize("name,channels,size", [
     ("zf5", 256, (5, 6)),            # ceil(67/16), ceil(85/16)
     ("vgg16", 512, (4, 5)),          # floor(67/16), floor(85/16)
-    ("lite0", 112, (5, 6)),          # input padded to 80x96, then /16
-    ("lite0-dilated", 320, (5, 6)),
+    ("lite0", 320, (5, 6)),          # the dilated tail; input padded to 80x96, then /16
+    ("lite0-c4", 112, (5, 6)),
     ("lite0-cat", 432, (5, 6)),
 ])
 def test_output_shapes(name, channels, size):
@@ -76,7 +76,7 @@ def _linearised(bb: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("name,width,col,rf", [
     ("zf5", 192, 6, 139),                # centre 96.5: support 27..165
     ("vgg16", 224, 6, 196),              # centre 104: support 6..201
-    ("lite0", 368, 10, 339),             # centre 175.5: support 6..344
+    ("lite0-c4", 368, 10, 339),          # centre 175.5: support 6..344
     ("lite0-dilated", 880, 27, 851),     # centre 447.5: support 22..872
 ])
 def test_receptive_field_centre_matches_center_offset(name, width, col, rf):
@@ -164,6 +164,9 @@ def test_weights_id_follows_the_weights(tmp_path):
     x = torch.rand(1, 3, 40, 40)
     with torch.no_grad():
         assert not torch.equal(d(x), a(x))
+    # same weights, another feature variant: another id (caches and checkpoints never mix them)
+    assert build_backbone("lite0-c4", "random").weights_id != build_backbone("lite0", "random").weights_id
+    assert build_backbone("lite0-dilated", "random").weights_id == build_backbone("lite0", "random").weights_id
 
 
 def test_zf5_default_is_random_with_a_warning(caplog):

