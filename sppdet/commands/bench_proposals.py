@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--split", required=True, metavar="S", help="split(s), e.g. trainval,test")
     p.add_argument("--presets", default="fast,quality", metavar="LIST",
                    help="comma-separated preset names (default: fast,quality)")
+    p.add_argument("--variant", action="append", default=[], metavar="'LABEL BASE KEY=V ...'",
+                   help="also benchmark a preset with overridden settings, e.g. "
+                        "--variant 'fast300 fast max_sides=300 ks=50,100' (repeatable)")
     p.add_argument("--no-stock", action="store_true", help=f"leave out {STOCK}")
     p.add_argument("--max-boxes", type=int, default=2000, metavar="N", help="cap per image (default 2000)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images")
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import cv2
 
     from ..data.images import load_image
-    from ..proposals.presets import get_preset
+    from ..proposals.presets import get_preset, parse_override
     from ..proposals.recall import compute_recall, plot_recall
     from ..proposals.runner import load_splits
     from ..proposals.selective_search import opencv_selective_search, selective_search
@@ -53,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
     names = [s.strip() for s in args.presets.split(",") if s.strip()]
     presets = {n: get_preset(n) for n in names}
+    for text in args.variant:
+        words = text.split()
+        if len(words) < 2:
+            raise SppdetError(f"--variant {text!r}: expected 'LABEL BASE KEY=VALUE ...'")
+        label, base, *sets = words
+        presets[label] = get_preset(base, **dict(parse_override(t) for t in sets))
+        names.append(label)
     dataset = load_splits(args.data, args.split)
     records = dataset.records[: args.limit] if args.limit and args.limit > 0 else dataset.records
     if not records:
