@@ -21,7 +21,7 @@ from sppdet.proposals.store import PartsDir, make_settings, parse_shard, shard_p
 
 #: Cheap settings for the runner tests (images are ~100 px).
 PRESET = get_preset("fast", ks=(100.0,), colour_spaces=("hsv",), strategies=("cfst",), max_sides=(64,),
-                    min_box_size=2.0)
+                    extra_runs=(), min_box_size=2.0)
 SIZES = [(72, 96), (90, 64), (64, 80), (80, 100), (70, 70)]
 
 
@@ -282,7 +282,7 @@ def test_bad_image_named_or_skipped(voc, tmp_path):
 def test_cli_proposals_and_shards(voc, tmp_path, capsys):
     out = tmp_path / "p.npz"
     sets = ["--set", "ks=100", "--set", "colour_spaces=hsv", "--set", "strategies=cfst", "--set", "max_sides=64",
-            "--set", "min_box_size=2"]
+            "--set", "min_box_size=2", "--set", "extra_runs="]
     assert main(["proposals", "--data", str(voc), "--split", "train", "--workers", "1", "--out", str(out),
                  "--max-boxes", "50", *sets]) == 0
     assert str(out) in capsys.readouterr().out

@@ -124,6 +124,19 @@ def test_duplicate_runs_merge_without_changing_set_or_order():
     assert len(np.unique(b, axis=0)) == len(b)
 
 
+def test_extra_runs_are_runs_like_the_product():
+    img = scene(seed=2)
+    product = Preset(colour_spaces=("hsv", "lab"), ks=(80.0,), strategies=("cfst",), min_segment=20)
+    extra = Preset(colour_spaces=("hsv",), ks=(80.0,), strategies=("cfst",), min_segment=20,
+                   extra_runs=("0:lab:80:cfst",))
+    assert extra.num_runs == 2 and extra.runs()[1] == (0, "lab", 80.0, "cfst")
+    np.testing.assert_array_equal(selective_search(img, product, 0), selective_search(img, extra, 0))
+    for bad in ("300:hsv:100", "x:hsv:100:cfst", "300:cmyk:100:cfst", "300:hsv:-1:cfst", "300:hsv:100:cq",
+                "8:hsv:100:cfst"):
+        with pytest.raises(ConfigError, match="extra_runs"):
+            Preset(extra_runs=(bad,))
+
+
 # ---------------------------------------------------------------------------
 # Ranking against a slow reference
 
@@ -242,6 +255,8 @@ def test_parse_override_types():
     assert parse_override("colour_spaces=hsv,lab") == ("colour_spaces", ("hsv", "lab"))
     assert parse_override("min_segment=25") == ("min_segment", 25)
     assert parse_override("demote_iou=0.9") == ("demote_iou", 0.9)
+    assert parse_override("extra_runs=300:hsv:100:cfst,0:lab:50:f") == ("extra_runs", ("300:hsv:100:cfst",
+                                                                                       "0:lab:50:f"))
     for bad in ("ks", "nope=1", "min_segment=2.5", "ks=a,b"):
         with pytest.raises(ConfigError):
             parse_override(bad)

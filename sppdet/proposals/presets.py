@@ -61,6 +61,9 @@ class Preset:
             before segmenting (``0``: the original size).  Boxes are mapped back
             to original-image pixels.  Every (scale, colour space, k, strategy)
             combination is one grouping run.
+        extra_runs: more runs outside that product, each
+            ``"MAX_SIDE:COLOUR_SPACE:K:STRATEGY"`` (e.g. ``"300:hsv:100:cfst"``),
+            sharing ``sigma`` and ``min_segment``.
         min_box_size: boxes whose width or height (original pixels) is below
             this are dropped.  Exact duplicates are always merged.
         area_exponent: boxes are ranked by ``votes * area ** area_exponent``
@@ -76,6 +79,7 @@ class Preset:
     min_segment: int = 100
     strategies: tuple[str, ...] = ("cfst", "fst")
     max_sides: tuple[int, ...] = (0,)
+    extra_runs: tuple[str, ...] = ()
     min_box_size: float = 0.0
     area_exponent: float = 0.5
     demote_iou: float = 1.0
@@ -95,6 +99,7 @@ class Preset:
         tup("ks", float)
         tup("strategies", lambda v: str(v).lower())
         tup("max_sides", int)
+        tup("extra_runs", lambda v: str(v).strip().lower())
         for name, conv in (("sigma", float), ("min_segment", int), ("min_box_size", float),
                            ("area_exponent", float), ("demote_iou", float)):
             value = getattr(self, name)
@@ -125,6 +130,11 @@ class Preset:
                                   f"'{STRATEGY_LETTERS}' (c colour, f fill, s size, t texture)")
         if not self.max_sides or any(m < 0 or 0 < m < 16 for m in self.max_sides):
             raise ConfigError(f"{where}: max_sides must be 0 (original size) or >= 16, got {list(self.max_sides)}")
+        for spec in self.extra_runs:
+            try:
+                parse_run(spec)
+            except ValueError as e:
+                raise ConfigError(f"{where}: extra_runs entry {spec!r}: {e}") from None
         if self.sigma < 0:
             raise ConfigError(f"{where}: sigma must be >= 0, got {self.sigma}")
         if self.min_segment < 1:
@@ -150,7 +160,34 @@ class Preset:
     @property
     def num_runs(self) -> int:
         """Number of hierarchical-grouping runs per image."""
-        return len(self.max_sides) * len(self.colour_spaces) * len(self.ks) * len(self.strategies)
+        return len(self.runs())
+
+    def runs(self) -> list[tuple[int, str, float, str]]:
+        """Every grouping run ``(max_side, colour_space, k, strategy)``: the product, then ``extra_runs``."""
+        out = [(m, cs, k, st) for m in self.max_sides for cs in self.colour_spaces
+               for k in self.ks for st in self.strategies]
+        return out + [parse_run(spec) for spec in self.extra_runs]
+
+
+def parse_run(spec: str) -> tuple[int, str, float, str]:
+    """``"MAX_SIDE:COLOUR_SPACE:K:STRATEGY"`` -> ``(max_side, space, k, strategy)`` (ValueError when malformed)."""
+    parts = [t.strip().lower() for t in str(spec).split(":")]
+    if len(parts) != 4:
+        raise ValueError("expected MAX_SIDE:COLOUR_SPACE:K:STRATEGY, e.g. 300:hsv:100:cfst")
+    try:
+        max_side, k = int(parts[0]), float(parts[2])
+    except ValueError:
+        raise ValueError("MAX_SIDE must be an integer and K a number") from None
+    space, strategy = parts[1], parts[3]
+    if max_side < 0 or 0 < max_side < 16:
+        raise ValueError("MAX_SIDE must be 0 (original size) or >= 16")
+    if space not in COLOUR_SPACES:
+        raise ValueError(f"unknown colour space {space!r} (known: {', '.join(COLOUR_SPACES)})")
+    if k <= 0:
+        raise ValueError("K must be positive")
+    if not strategy or any(ch not in STRATEGY_LETTERS for ch in strategy) or len(set(strategy)) != len(strategy):
+        raise ValueError(f"strategy {strategy!r} must be distinct letters from '{STRATEGY_LETTERS}'")
+    return max_side, space, k, strategy
 
 
 _PRESETS: dict[str, Preset] = {
@@ -163,6 +200,7 @@ _PRESETS: dict[str, Preset] = {
         min_segment=100,
         strategies=("fst",),
         max_sides=(300,),
+        extra_runs=("300:hsv:100:cfst", "300:lab:100:cfst"),
         min_box_size=16.0,
         area_exponent=0.5,
         demote_iou=0.85,

@@ -10,7 +10,9 @@ adds around it:
   (INTER_AREA) so its longer side is at most ``max_side``, converted to the
   colour space, over-segmented by Felzenszwalb-Huttenlocher (``k``, ``sigma``,
   ``min_segment``) and grouped hierarchically with one strategy.  A run gives
-  the set of bounding boxes of all regions of its hierarchy.
+  the set of bounding boxes of all regions of its hierarchy.  ``extra_runs``
+  add single runs outside that product (e.g. a colour strategy for two colour
+  spaces only).
 * **Coordinates.** An OpenCV rect ``(x, y, w, h)`` of the segmentation image
   covers pixel columns ``x .. x+w-1``, i.e. the continuous interval
   ``[x, x+w)``; it is mapped to the original image as
@@ -247,14 +249,16 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 def raw_runs(image: np.ndarray, preset: Preset) -> Iterable[np.ndarray]:
     """Yield the boxes of every run of ``preset`` (ndarray[N_r, 4] float32, original pixels, unordered)."""
     height, width = image.shape[:2]
-    for max_side in preset.max_sides:
-        small, sx, sy = resize_for_segmentation(image, max_side)
-        for space in preset.colour_spaces:
-            converted = convert_colour(small, space)
-            for k in preset.ks:
-                for strategy in preset.strategies:
-                    rects = grouping_run(converted, k, preset.sigma, preset.min_segment, strategy)
-                    yield rects_to_boxes(rects, sx, sy, width, height)
+    resized: dict[int, tuple[np.ndarray, float, float]] = {}
+    converted: dict[tuple[int, str], np.ndarray] = {}
+    for max_side, space, k, strategy in preset.runs():
+        if max_side not in resized:
+            resized[max_side] = resize_for_segmentation(image, max_side)
+        small, sx, sy = resized[max_side]
+        if (max_side, space) not in converted:
+            converted[(max_side, space)] = convert_colour(small, space)
+        rects = grouping_run(converted[(max_side, space)], k, preset.sigma, preset.min_segment, strategy)
+        yield rects_to_boxes(rects, sx, sy, width, height)
 
 
 def selective_search(image: np.ndarray, preset: str | Preset = "fast", max_boxes: int = 2000) -> np.ndarray:
