@@ -29,7 +29,7 @@ from .data.records import Dataset, ImageRecord
 from .errors import CheckpointError, ImageDecodeError
 from .features import FeatureExtractor
 from .models.backbones import build_backbone
-from .models.heads import FCHead
+from .models.heads import FCHead, fc7_features
 from .train.bbox_reg import BBoxRegressors
 from .train.svm import LinearSVMs
 from .utils.device import resolve_device
@@ -177,8 +177,7 @@ class Detector:
         if self.cfg.svm.features == "fc7":
             if self.head is None:
                 raise CheckpointError("this checkpoint scores fc7 features but holds no fc layers")
-            outs = [self.head.fc7(pooled[i:i + 4096].to(self.device)) for i in range(0, len(pooled), 4096)]
-            x = torch.cat(outs) if outs else pooled.new_zeros((0, self.head.out_dim))
+            x = fc7_features(self.head, pooled, self.device)
         scores = self.svms.decision_function(x.cpu())
         scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
         return scores, pooled.cpu().numpy()
@@ -282,28 +281,77 @@ def iter_image_paths(inputs: Iterable[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             out += sorted(q for q in p.iterdir() if q.suffix.lower() in exts and q.is_file())
-        elif p.exists():
-            out.append(p)
+        elif p.exists() or not glob.has_magic(item):
+            out.append(p)       # a missing file is reported (and skipped) by the detection loop
         else:
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                from .errors import SppdetError
-
-                raise SppdetError(f"{item}: no such image file, folder or matching pattern")
-            out += [Path(m) for m in matches if Path(m).is_file()]
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            out += [m for m in matches if m.is_file()]
     return out
 
 
-def records_for_images(paths: list[Path]) -> Dataset:
-    """A ground-truth-free dataset of arbitrary image files (for proposal caching in ``sppdet detect``)."""
+def records_for_images(paths: list[Path]) -> tuple[Dataset, dict[Path, ImageDecodeError]]:
+    """A ground-truth-free dataset of image files, and the files whose header cannot be read."""
     from .data.images import image_size
 
-    recs = []
+    recs, failed = [], {}
     for p in paths:
         try:
             w, h = image_size(p)
         except ImageDecodeError as e:
-            log.warning("%s", e)
+            failed[p] = e
             continue
         recs.append(ImageRecord(image_id=str(p.resolve()), path=p, width=w, height=h))
-    return Dataset(name="images", split="detect", classes=[], records=recs)
+    ds = Dataset(name="images", split="detect", classes=[], records=recs)
+    ds.name = "detect-" + ds.fingerprint()[:10]
+    return ds, failed
+
+
+def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, threshold: float | None = None,
+                  draw: bool = True, show_progress: bool = True):
+    """Detect on image files; write ``<out>/<stem>.json`` (and ``<stem>.jpg`` drawn) for each.
+
+    Proposals for all images are computed first, in parallel, through the proposal
+    store.  Yields ``(path, list_of_detection_dicts)`` per image, in input order, or
+    ``(path, ImageDecodeError)`` for an image that cannot be decoded (the rest go on).
+    """
+    import json
+
+    from .proposals import compute_proposals, get_preset
+    from .utils.io import atomic_write_text
+    from .visualize import draw_detections, save_image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds, failed = records_for_images(paths)
+    store = None
+    if ds.records:
+        preset = get_preset(det.cfg.proposals.mode, **det.cfg.proposals.overrides)
+        store = compute_proposals(ds, preset, det.cfg.proposals.max_boxes, workers=det.cfg.proposals.workers,
+                                  cache_dir=det.cache_dir, skip_bad_images=True, progress=show_progress)
+    by_path = {r.path: r for r in ds.records}
+    used: dict[str, int] = {}
+    for p in paths:
+        if p in failed:
+            yield p, failed[p]
+            continue
+        rec = by_path[p]
+        try:
+            image = load_image(p)
+        except ImageDecodeError as e:
+            yield p, e
+            continue
+        props = store[rec.image_id] if store is not None and rec.image_id in store else None
+        d = det(image, proposals=props)
+        keep = d["scores"] >= threshold if threshold is not None else np.ones(len(d["scores"]), bool)
+        d = {k: v[keep] for k, v in d.items()}
+        items = detections_to_json(d, det.classes)
+        stem = p.stem if p.stem not in used else f"{p.stem}_{used[p.stem]}"
+        used[p.stem] = used.get(p.stem, 0) + 1
+        head = json.dumps({"image": str(p), "width": int(image.shape[1]), "height": int(image.shape[0])})
+        body = ",\n  ".join(json.dumps(d) for d in items)
+        atomic_write_text(out / f"{stem}.json",
+                          head[:-1] + ', "detections": [' + (f"\n  {body}\n" if items else "") + "]}\n")
+        if draw:
+            save_image(draw_detections(image, d["boxes"], d["labels"], d["scores"], det.classes),
+                       out / f"{stem}.jpg")
+        yield p, items

@@ -58,3 +58,12 @@ class FCHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (Tensor[N, K + 1]) of pooled features x (Tensor[N, in_dim])."""
         return self.cls_score(self.hidden(x))
+
+
+@torch.no_grad()
+def fc7_features(head: FCHead, pooled: torch.Tensor, device: torch.device | str = "cpu",
+                 chunk: int = 4096) -> torch.Tensor:
+    """fc7 features (Tensor[N, head.out_dim]) of pooled features (Tensor[N, D]), in chunks, no grad."""
+    if len(pooled) == 0:
+        return pooled.new_zeros((0, head.out_dim))
+    return torch.cat([head.fc7(pooled[j:j + chunk].to(device)) for j in range(0, len(pooled), chunk)])

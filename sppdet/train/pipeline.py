@@ -30,7 +30,7 @@ from ..data.records import Dataset
 from ..detect import make_extractor
 from ..errors import SppdetError
 from ..models.backbones import build_backbone
-from ..models.heads import FCHead
+from ..models.heads import FCHead, fc7_features
 from ..utils.device import resolve_device
 from ..utils.io import atomic_path, atomic_save_npy, atomic_write_json, atomic_write_text, default_cache_dir, stable_hash
 from ..utils.log import add_log_file
@@ -146,11 +146,11 @@ class Pipeline:
         t = time.perf_counter()
         out = fn()
         dt = time.perf_counter() - t
+        # "seconds": this run; "total_seconds": every run of this stage so far (interrupted ones
+        # included), which is what the stage cost when its caches were reused in later runs
         prev = self.timings.get(name, {})
-        if reused and prev:
-            self.timings[name] = {**prev, "reused": True, "check_seconds": round(dt, 3)}
-        else:
-            self.timings[name] = {"seconds": round(dt, 3), "reused": reused}
+        self.timings[name] = {"seconds": round(dt, 3), "reused": reused,
+                              "total_seconds": round(prev.get("total_seconds", 0.0) + dt, 3)}
         log.info("stage %-9s %s in %.1f s", name, "reused" if reused else "done", dt)
         atomic_write_json(self.run_dir / "timings.json", self.timings)
         return out
@@ -264,7 +264,7 @@ class Pipeline:
             reg_key = stable_hash([feat_key, dataclasses.asdict(cfg.bbox_reg)])
             reg_state = self._load_stage("bbox_reg", reg_key)
             if reg_state is None:
-                reg = self._timed("bbox_reg", lambda: self._train_bbox_reg(cfg, feats, windows, K))
+                reg = self._timed("bbox_reg", lambda: self._train_bbox_reg(cfg, feats, windows, K, classes))
                 reg_state = {"bbox_reg": reg.state_dict()}
                 self._save_stage("bbox_reg", reg_key, reg_state)
             else:
@@ -365,7 +365,7 @@ class Pipeline:
         def features(i: int, idx: np.ndarray) -> np.ndarray:
             x = feats(i, idx, False)
             if use_fc7:
-                x = torch.cat([head.fc7(x[j:j + 4096].to(self.device)) for j in range(0, len(x), 4096)])
+                x = fc7_features(head, x, self.device)
             return x.cpu().numpy().astype(np.float32)
 
         def get_windows(i: int) -> WindowSet:
@@ -396,7 +396,7 @@ class Pipeline:
                           progress=self.show_progress, get_positives=get_positives, scale=scale)
 
     @torch.no_grad()
-    def _train_bbox_reg(self, cfg, feats, windows, K):
+    def _train_bbox_reg(self, cfg, feats, windows, K, classes):
         xs, props, targets, labels = [], [], [], []
         for w in progress(windows, desc="bbox-reg features", unit="img",
                           disable=None if self.show_progress else True):
@@ -414,7 +414,7 @@ class Pipeline:
             raise SppdetError("box regression: no proposal overlaps a ground-truth box by "
                               f"IoU >= {cfg.bbox_reg.min_iou}; disable bbox_reg or check the proposals")
         return train_bbox_regressors(np.concatenate(xs), np.concatenate(props), np.concatenate(targets),
-                                     np.concatenate(labels), K, lam=cfg.bbox_reg.lam)
+                                     np.concatenate(labels), K, lam=cfg.bbox_reg.lam, class_names=classes)
 
 
 def train(cfg: Config, run_dir: str | Path, *, data_root: str | None = None, show_progress: bool = True) -> Path:

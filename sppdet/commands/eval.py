@@ -1,0 +1,54 @@
+"""``sppdet eval``: detect on a split with a checkpoint and score it."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="detect on a split with a trained checkpoint and score it",
+        description="Runs the detector over a split (proposals and conv5 maps cached and reused), writes "
+                    "VOC results files comp4_det_<split>_<class>.txt, scores them with the devkit-exact "
+                    "evaluator (the same code as `sppdet evaluate`) and prints the per-class AP table.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.pt written by sppdet train")
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset root")
+    p.add_argument("--split", default="test", metavar="S", help="split to evaluate (default: test)")
+    p.add_argument("--metric", default="voc07", choices=("voc07", "voc12", "coco"))
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="where to write the results files (default: <checkpoint folder>/results/<split>)")
+    p.add_argument("--report", default=None, metavar="DIR", help="write an HTML report into DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-bbox-reg", action="store_true", help="score the proposals without box regression")
+    p.add_argument("--format", default=None, choices=("voc", "coco"), help="dataset format (default: as trained)")
+    p.add_argument("--annotations", default=None, metavar="JSON", help="COCO instances file (--format coco)")
+    p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: as trained / $SPPDET_CACHE)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="selective-search processes")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..eval_checkpoint import evaluate_checkpoint
+    from ..evaluation.voc import format_ap_table
+
+    ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, metric=args.metric,
+                             results_dir=args.results, report_dir=args.report, device=args.device,
+                             cache_dir=args.cache, use_bbox_reg=not args.no_bbox_reg, data_format=args.format,
+                             annotations=args.annotations, workers=args.workers)
+    if args.json:
+        out = ev.result.to_json()
+        out.update({"results": str(ev.results_dir), "images": len(ev.detections),
+                    "seconds_per_image": ev.timings.get("per_image", {})})
+        if ev.report:
+            out["report"] = str(ev.report)
+        print(json.dumps(out))
+    else:
+        print(format_ap_table(ev.result, list(ev.result.ap)))
+        print(f"results files: {ev.results_dir}")
+        per = ev.timings.get("per_image", {})
+        if per:
+            print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+        if ev.report:
+            print(f"report: {ev.report}")
+    return 0
