@@ -58,12 +58,11 @@ class ImageRecord:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
         n = len(self.boxes)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(n)
-        self.difficult = np.asarray(self.difficult, dtype=bool).reshape(n)
-        self.truncated = (
-            np.zeros(n, dtype=bool)
-            if np.size(self.truncated) == 0 and n
-            else np.asarray(self.truncated, dtype=bool).reshape(n)
-        )
+        # flags not given default to False for every object
+        self.difficult = (np.zeros(n, dtype=bool) if np.size(self.difficult) == 0
+                          else np.asarray(self.difficult, dtype=bool).reshape(n))
+        self.truncated = (np.zeros(n, dtype=bool) if np.size(self.truncated) == 0
+                          else np.asarray(self.truncated, dtype=bool).reshape(n))
 
     @property
     def num_objects(self) -> int:

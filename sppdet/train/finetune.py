@@ -89,10 +89,10 @@ def sample_windows(windows: ImageWindows, num: int, fg_fraction: float, fg_iou: 
     return idx, labels.astype(np.int64)
 
 
-def _snapshot_state(head: nn.Module, opt: torch.optim.Optimizer, it: int, rng: np.random.Generator,
+def _snapshot_state(head: nn.Module, opt: torch.optim.Optimizer, it: int, rng_states: tuple,
                     key: str, extra: dict | None) -> dict:
     state = {"key": key, "iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
-             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+             "numpy_rng": rng_states[0], "torch_rng": rng_states[1]}
     if extra:
         state["extra"] = {k: v.state_dict() for k, v in extra.items()}
     return state
@@ -156,11 +156,16 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
         except Exception as e:  # a corrupt snapshot is rebuilt, never trusted
             log.warning("fine-tuning: ignoring unreadable snapshot %s (%s)", snapshot, e)
 
-    def save(it: int) -> None:
+    def rng_states() -> tuple:
+        return rng.bit_generator.state, torch.get_rng_state()
+
+    def save(it: int, states: tuple) -> None:
+        """Save the state at the START of iteration ``it`` (RNGs as they were then), so a
+        resumed run repeats exactly what an uninterrupted run would have done."""
         if snapshot is None:
             return
         with atomic_path(snapshot) as tmp:
-            torch.save(_snapshot_state(head, opt, it, rng, key, extra_modules), tmp)
+            torch.save(_snapshot_state(head, opt, it, states, key, extra_modules), tmp)
 
     per_image = max(1, params.batch_size // params.images_per_batch)
     loss_fn = nn.CrossEntropyLoss()
@@ -171,8 +176,10 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
     it = start
     bar = progress(total=params.iterations, initial=start, desc="fine-tune", unit="it",
                    disable=None if show_progress else True)
+    states = rng_states()
     try:
         while it < params.iterations:
+            states = rng_states()
             scale = 0.1 if it >= step_at else 1.0
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 * scale
@@ -208,15 +215,15 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
                 log.info("fine-tune it %d/%d loss %.4f acc %.3f lr %.2g", it, params.iterations,
                          np.mean(recent[-500:]), np.mean(acc_hist[-500:]), params.lr * scale)
             if snapshot is not None and time.monotonic() - last_save > params.snapshot_seconds:
-                save(it)
+                save(it, rng_states())
                 last_save = time.monotonic()
     except KeyboardInterrupt:
-        save(it)
+        save(it, states)
         log.warning("fine-tuning interrupted at iteration %d; progress saved to %s", it, snapshot)
         raise
     finally:
         bar.close()
-    save(it)
+    save(it, rng_states())
     head.eval()
     return {
         "iterations": params.iterations,

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from sppdet.data.records import ImageRecord
+from sppdet.models.heads import FCHead, fc7_features
+from sppdet.train.finetune import FinetuneParams, TrainingError, finetune
+from sppdet.train.windows import build_windows
+
+K, D = 3, 24
+
+
+def make_problem(n_images=6, seed=0):
+    """Windows of tiny images; the feature of a window encodes its best class when it is foreground."""
+    rng = np.random.default_rng(seed)
+    windows, table = [], {}
+    for i in range(n_images):
+        gt = np.array([[10, 10, 60, 60], [100, 40, 170, 120]], np.float32)
+        labels = rng.integers(0, K, 2)
+        rec = ImageRecord(f"im{i}", f"im{i}.jpg", 200, 160, gt, labels)
+        base = gt[rng.integers(0, 2, 120)]
+        props = base + rng.normal(0, 12, base.shape).astype(np.float32)
+        props[:, 2:] = np.maximum(props[:, 2:], props[:, :2] + 2)
+        w = build_windows(i, rec, props, K)
+        windows.append(w)
+        centers = np.eye(K + 1, D) * 4
+        cls = np.where(w.max_iou >= 0.5, w.best_label + 1, 0)
+        feats = centers[cls] + rng.normal(0, 1, (len(w), D))
+        table[(i, False)] = torch.tensor(feats, dtype=torch.float32)
+        table[(i, True)] = torch.tensor(feats + rng.normal(0, 0.1, feats.shape), dtype=torch.float32)
+    return windows, table
+
+
+def feature_fn_for(table):
+    return lambda i, idx, flip: table[(i, flip)][torch.as_tensor(idx)]
+
+
+def params(iters, **kw):
+    return FinetuneParams(iterations=iters, batch_size=32, images_per_batch=2, lr=0.05, seed=3,
+                          snapshot_seconds=1e9, **kw)
+
+
+def test_finetune_learns_separable_problem():
+    windows, table = make_problem()
+    head = FCHead(D, [32, 32], K, dropout=0.0)
+    torch.manual_seed(0)
+    head.reset_parameters()
+    stats = finetune(head, feature_fn_for(table), windows, params(300), show_progress=False)
+    assert stats["iterations"] == 300 and stats["accuracy"] > 0.95
+    # evaluate on every window: the classifier recovers the labels
+    x = torch.cat([table[(w.index, False)] for w in windows])
+    y = torch.cat([torch.as_tensor(np.where(w.max_iou >= 0.5, w.best_label + 1, 0)) for w in windows])
+    with torch.no_grad():
+        acc = (head(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.95
+    assert fc7_features(head, x).shape == (len(x), 32)
+
+
+def test_interrupted_finetune_resumes_to_identical_weights(tmp_path):
+    windows, table = make_problem(seed=1)
+    fn = feature_fn_for(table)
+
+    def fresh():
+        torch.manual_seed(0)
+        h = FCHead(D, [16], K, dropout=0.5)   # dropout: the torch RNG state must be restored too
+        h.reset_parameters()
+        return h
+
+    ref = fresh()
+    finetune(ref, fn, windows, params(60), show_progress=False)
+
+    calls = {"n": 0}
+
+    def interrupting(i, idx, flip):
+        calls["n"] += 1
+        if calls["n"] == 2 * 25 + 1:         # during iteration 26 (2 images per iteration)
+            raise KeyboardInterrupt
+        return fn(i, idx, flip)
+
+    snap = tmp_path / "snap.pt"
+    h = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        finetune(h, interrupting, windows, params(60), snapshot=snap, key="k1", show_progress=False)
+    assert snap.is_file()
+    assert torch.load(snap, weights_only=True)["iteration"] == 25
+    resumed = fresh()
+    stats = finetune(resumed, fn, windows, params(60), snapshot=snap, key="k1", show_progress=False)
+    assert stats["resumed_from"] == 25
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # a snapshot made with other settings is ignored
+    other = fresh()
+    assert finetune(other, fn, windows, params(60), snapshot=snap, key="other",
+                    show_progress=False)["resumed_from"] == 0
+
+
+def test_non_finite_loss_stops_with_values():
+    windows, table = make_problem()
+    bad = {k: v * float("inf") for k, v in table.items()}
+    head = FCHead(D, [8], K, dropout=0.0)
+    with pytest.raises(TrainingError, match=r"diverged at iteration 1: loss values (nan|inf)"):
+        finetune(head, feature_fn_for(bad), windows, params(5), show_progress=False)
+
+
+def test_no_usable_images():
+    rec = ImageRecord("a", "a.jpg", 50, 50, np.array([[0, 0, 50, 50]], np.float32), np.array([0]))
+    w = build_windows(0, rec, np.array([[0, 0, 50, 50]], np.float32), K)   # only foreground windows
+    with pytest.raises(TrainingError, match="no training image has background"):
+        finetune(FCHead(D, [8], K), lambda *a: None, [w], params(5), show_progress=False)
