@@ -1,0 +1,118 @@
+"""End to end through the CLI on a tiny synthetic set: train -> (resume) -> eval -> evaluate -> detect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sppdet.cli import main
+
+TINY = [
+    "--set", "features.scales=[224]", "--set", "features.max_side=320",
+    "--set", "proposals.max_boxes=150", "--set", "proposals.workers=1",
+    "--set", "finetune.iterations=30", "--set", "finetune.fc_dims=[64, 64]",
+    "--set", "finetune.batch_size=32",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from sppdet.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_synthetic(root / "data", num_images=12, seed=5)
+    run = root / "run"
+    cache = root / "cache"
+    args = ["-q", "train", "--config", "demo_lite0", "--data", str(data), "--out", str(run),
+            "--cache", str(cache), *TINY]
+    assert main(args) == 0
+    return {"data": data, "run": run, "cache": cache, "args": args}
+
+
+def test_train_writes_run_folder_and_resumes(trained, capsys):
+    run = trained["run"]
+    for name in ("model.pt", "config.yaml", "train.log", "timings.json", "stages/finetune.pt",
+                 "stages/svm.pt", "stages/bbox_reg.pt"):
+        assert (run / name).is_file(), name
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"proposals", "features", "finetune", "svm", "bbox_reg"} <= set(timings)
+    # a second run reuses every stage
+    capsys.readouterr()
+    assert main(trained["args"]) == 0
+    timings = json.loads((run / "timings.json").read_text())
+    assert all(timings[s]["reused"] for s in ("finetune", "svm", "bbox_reg"))
+    assert "stage finetune  reused" in (run / "train.log").read_text()
+    # a changed setting redoes the stages downstream of it only
+    assert main(trained["args"] + ["--set", "svm.C=0.01"]) == 0
+    timings = json.loads((run / "timings.json").read_text())
+    assert timings["finetune"]["reused"] and not timings["svm"]["reused"] and timings["bbox_reg"]["reused"]
+    # restore the original model for the other tests
+    assert main(trained["args"]) == 0
+
+
+def test_eval_matches_evaluate_on_its_results(trained, capsys, tmp_path):
+    res = tmp_path / "res"
+    capsys.readouterr()
+    assert main(["-q", "eval", "--checkpoint", str(trained["run"] / "model.pt"), "--data", str(trained["data"]),
+                 "--split", "test", "--results", str(res), "--json", "--cache", str(trained["cache"]),
+                 "--report", str(tmp_path / "report")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "voc07" and 0.0 <= out["mAP"] <= 1.0
+    assert (tmp_path / "report" / "index.html").is_file()
+    assert main(["-q", "evaluate", "--data", str(trained["data"]), "--split", "test", "--results", str(res),
+                 "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["mAP"] == out["mAP"] and again["ap"] == out["ap"]
+    # without box regression: a different detector, still a valid score
+    assert main(["-q", "eval", "--checkpoint", str(trained["run"] / "model.pt"), "--data", str(trained["data"]),
+                 "--split", "test", "--results", str(tmp_path / "res2"), "--json", "--no-bbox-reg",
+                 "--cache", str(trained["cache"])]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["mAP"] <= 1.0
+
+
+def test_detect_images_folder_and_bad_file(trained, tmp_path, capsys):
+    imgs = sorted((trained["data"] / "JPEGImages").glob("*.jpg"))[:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "det"
+    capsys.readouterr()
+    rc = main(["-q", "detect", "--checkpoint", str(trained["run"] / "model.pt"), *map(str, imgs), str(bad),
+               "--out", str(out), "--threshold", "-10", "--cache", str(trained["cache"])])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert f"{imgs[0]}:" in captured.out and "broken.jpg" in captured.err
+    for p in imgs:
+        d = json.loads((out / f"{p.stem}.json").read_text())
+        assert d["width"] > 0 and isinstance(d["detections"], list)
+        for det in d["detections"]:
+            x1, y1, x2, y2 = det["box"]
+            assert 0 <= x1 < x2 <= d["width"] and 0 <= y1 < y2 <= d["height"]
+            assert det["class"] in ("checker", "cross", "ring", "star", "triangle")
+        assert (out / f"{p.stem}.jpg").is_file()
+
+
+def test_python_api(trained):
+    from sppdet.detect import Detector
+
+    det = Detector.from_checkpoint(trained["run"] / "model.pt", device="cpu", cache_dir=trained["cache"])
+    img = sorted((trained["data"] / "JPEGImages").glob("*.jpg"))[0]
+    out = det(img)
+    assert set(out) == {"boxes", "scores", "labels"}
+    assert out["boxes"].shape[1] == 4 and len(out["boxes"]) <= 100
+    assert len(out["scores"]) == len(out["labels"]) == len(out["boxes"])
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    cases = [
+        ["train", "--config", str(tmp_path / "missing.yaml")],
+        ["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path)],
+        ["train", "--config", "demo_lite0", "--set", "svm.C=abc", "--data", str(tmp_path)],
+    ]
+    for args in cases:
+        r = subprocess.run([sys.executable, "-m", "sppdet", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[-1].startswith("sppdet: error: ") and "Traceback" not in r.stderr, r.stderr
