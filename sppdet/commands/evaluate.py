@@ -1,8 +1,10 @@
-"""``sppdet evaluate``: score VOC results files from any detector."""
+"""``sppdet evaluate``: score VOC results files (comp4_det_<split>_<class>.txt) from any detector."""
 
 from __future__ import annotations
 
 import json
+
+from ..errors import SppdetError
 
 
 def register(sub) -> None:
@@ -11,54 +13,70 @@ def register(sub) -> None:
         description="Reads comp4_det_<split>_<class>.txt files (lines '<image_id> <score> <xmin> <ymin> "
                     "<xmax> <ymax>', 1-based VOC coordinates) and scores them against a split exactly as "
                     "the official PASCAL VOC devkit does (voc07: 11-point AP; voc12: area under the "
-                    "precision envelope), or with pycocotools (coco).")
-    p.add_argument("--data", required=True, metavar="ROOT", help="dataset root (VOC layout, or COCO images)")
+                    "precision envelope), or with pycocotools (coco: AP@[.5:.95], AP50, AP75, APs/m/l). "
+                    "Classes without ground truth in the split are shown as '-' and left out of the mean.")
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="dataset root (VOC layout; with --format coco: the image folder)")
     p.add_argument("--split", required=True, metavar="S", help="split name (ImageSets/Main/<S>.txt)")
     p.add_argument("--results", required=True, metavar="DIR", help="folder with the results files")
-    p.add_argument("--metric", default="voc07", choices=("voc07", "voc12", "coco"))
+    p.add_argument("--metric", default="voc07", choices=("voc07", "voc12", "coco"),
+                   help="voc07 (default), voc12 or coco")
     p.add_argument("--classes", default=None, metavar="A,B,...",
-                   help="class list (default: the 20 VOC classes when all names are VOC classes, "
-                        "else the classes found in the annotations)")
-    p.add_argument("--format", default="voc", choices=("voc", "coco"), help="dataset format")
+                   help="score only these classes, in this order (default: every class of the dataset: "
+                        "the 20 VOC classes when all object names are VOC classes, else the names found)")
+    p.add_argument("--format", default="voc", choices=("voc", "coco"), help="dataset format (default voc)")
     p.add_argument("--annotations", default=None, metavar="JSON", help="COCO instances file (--format coco)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write PR-curve PNGs into DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write a PR-curve PNG per class and an overview PNG into DIR")
     p.set_defaults(func=run)
+
+
+def _parse_classes(text: str | None, available: list[str]) -> list[str]:
+    if text is None:
+        return list(available)
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise SppdetError(f"--classes {text!r}: no class names given")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise SppdetError(f"--classes: {', '.join(dup)} given twice")
+    unknown = [c for c in names if c not in available]
+    if unknown:
+        raise SppdetError(f"--classes: unknown class{'es' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                          f"(the dataset's classes: {', '.join(available)})")
+    return names
 
 
 def run(args) -> int:
     from ..data import load_dataset
-    from ..evaluation.voc import evaluate_voc_results, format_ap_table, read_voc_results
+    from ..evaluation.voc import evaluate_voc_results, format_ap_table
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    ds = load_dataset(args.data, args.split, format=args.format, classes=classes,
-                      coco_annotations=args.annotations)
+    if args.format == "coco" and not args.annotations:
+        raise SppdetError("--annotations: a COCO instances JSON is required with --format coco")
+    ds = load_dataset(args.data, args.split, format=args.format, coco_annotations=args.annotations)
+    classes = _parse_classes(args.classes, ds.classes)
     if args.metric == "coco":
-        from ..evaluation.coco import evaluate_coco
-        from ..boxes import voc_to_internal
-        import numpy as np
+        from ..evaluation.coco import evaluate_coco, voc_results_to_detections
+        from ..evaluation.voc import read_voc_results
 
-        raw = read_voc_results(args.results, args.split, ds.classes)
-        dets: dict = {}
-        for k, c in enumerate(ds.classes):
-            ids, scores, boxes = raw[c]
-            for iid, s, b in zip(ids, scores, boxes):
-                d = dets.setdefault(iid, {"boxes": [], "scores": [], "labels": []})
-                d["boxes"].append(voc_to_internal(*b))
-                d["scores"].append(s)
-                d["labels"].append(k)
-        dets = {i: {k: np.asarray(v) for k, v in d.items()} for i, d in dets.items()}
-        result = evaluate_coco(ds, dets)
+        raw = read_voc_results(args.results, args.split, classes, image_ids=[r.image_id for r in ds])
+        result = evaluate_coco(ds, voc_results_to_detections(raw, ds.classes), classes=classes)
     else:
-        result = evaluate_voc_results(ds, args.results, args.metric)
-    if args.plots and result.per_class:
+        result = evaluate_voc_results(ds, args.results, args.metric, classes=classes)
+    plots = []
+    if args.plots:
         from ..evaluation.plots import plot_pr_curves
 
-        plot_pr_curves(result, args.plots)
+        plots = plot_pr_curves(result, args.plots)
     if args.json:
-        print(json.dumps(result.to_json()))
+        out = result.to_json()
+        out.update({"split": args.split, "images": len(ds), "results": str(args.results)})
+        if args.plots:
+            out["plots"] = [str(f) for f in plots]
+        print(json.dumps(out, allow_nan=False))
     else:
-        print(format_ap_table(result, list(result.ap)))
-        if args.plots and not result.per_class:
-            print("(no PR plots for the coco metric)")
+        print(format_ap_table(result, classes))
+        if args.plots:
+            print(f"PR plots: {args.plots} ({len(plots)} files)")
     return 0

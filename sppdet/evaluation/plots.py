@@ -1,7 +1,8 @@
-"""Precision-recall curve plots (matplotlib, Agg backend: no display needed)."""
+"""Precision-recall curve plots (matplotlib's Agg canvas: no display, no pyplot global state)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -9,64 +10,88 @@ import numpy as np
 
 from .voc import EvalResult
 
+log = logging.getLogger(__name__)
 
-def _plt():
-    import matplotlib
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    return plt
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
 
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def plot_pr_curves(result: EvalResult, out_dir: str | Path, *, prefix: str = "pr") -> list[Path]:
-    """One PNG per class (``<prefix>_<class>.png``) and an overview (``<prefix>_all.png``).
+def _envelope(prec: np.ndarray) -> np.ndarray:
+    """The monotone precision envelope (NaN-ignoring backwards max), as VOCap.m integrates."""
+    return np.fmax.accumulate(prec[::-1])[::-1]
 
-    Curves are the raw cumulative precision/recall in detection order and, dashed,
-    the monotone envelope that the VOC2010+ AP integrates.  Returns the files, the
-    overview first.
+
+def plot_pr_curves(result: EvalResult, out_dir: str | Path, *, prefix: str = "pr") -> list[Path]:
+    """Write one PR-curve PNG per class and one overview PNG with every class.
+
+    Args:
+        result: scores with per-class curves (``result.per_class``); classes
+            without ground truth (``npos == 0``) get no plot.
+        out_dir: the folder (created if needed).
+        prefix: file names are ``<prefix>_<class>.png`` (class name with characters
+            other than letters, digits, ``-_.`` replaced by ``_``; an index is added
+            when two names collide) and ``overview_<prefix>.png``.
+
+    Each class plot shows the raw cumulative precision/recall in ranking order
+    and, dashed, its monotone envelope (the curve VOC2010+ AP integrates).
+
+    Returns:
+        the files written, the overview first.
     """
-    plt = _plt()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
     curves = {c: r for c, r in result.per_class.items() if r.npos > 0}
+    files: list[Path] = []
 
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=100)
+    fig, ax = _figure(6.4, 5.2)
     for c, r in curves.items():
-        ap = result.ap.get(c, float("nan"))
         if len(r.rec):
-            ax.plot(np.nan_to_num(r.rec), np.nan_to_num(r.prec), lw=1.5, label=f"{c} ({ap:.3f})")
+            ap = r.ap
+            ax.plot(np.nan_to_num(r.rec), np.nan_to_num(r.prec), lw=1.3,
+                    label=f"{c} ({ap:.3f})" if math.isfinite(ap) else c)
+    mean = f"{result.mAP:.4f}" if math.isfinite(result.mAP) else "-"
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.02),
-           title=f"PR curves, mAP {result.mAP:.4f} ({result.metric})")
+           title=f"PR curves ({result.metric}), mAP {mean}")
+    if result.curve:
+        fig.text(0.5, 0.005, result.curve, ha="center", va="bottom", fontsize=7, color="0.35")
     ax.grid(alpha=0.3)
-    if curves:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower left", ncol=2 if len(curves) > 10 else 1)
-    overview = out / f"{prefix}_all.png"
-    fig.tight_layout()
+    overview = out / f"overview_{prefix}.png"
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(overview)
-    plt.close(fig)
     files.append(overview)
 
-    for c, r in curves.items():
-        fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=100)
+    used: set[str] = set()
+    for i, (c, r) in enumerate(curves.items()):
+        fig, ax = _figure(4.2, 3.6)
         rec, prec = np.nan_to_num(r.rec), np.nan_to_num(r.prec)
         if len(rec):
             ax.plot(rec, prec, lw=1.5, label="precision")
-            env = np.maximum.accumulate(prec[::-1])[::-1]
-            ax.plot(rec, env, "--", lw=1, label="envelope")
-        ap = result.ap.get(c, float("nan"))
-        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.02),
-               title=f"{c}: AP {ap:.3f}" if math.isfinite(ap) else c)
+            ax.plot(rec, _envelope(prec), "--", lw=1, label="envelope")
+            ax.legend(fontsize=7, loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no detections", ha="center", va="center", transform=ax.transAxes)
+        title = f"{c}: AP {r.ap:.3f} ({r.npos} objects)" if math.isfinite(r.ap) else f"{c} ({r.npos} objects)"
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.02), title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()
-        f = out / f"{prefix}_{_safe(c)}.png"
+        name = f"{prefix}_{_safe(c)}"
+        if name.lower() in used:
+            name = f"{name}_{i}"
+        used.add(name.lower())
+        f = out / f"{name}.png"
         fig.savefig(f)
-        plt.close(fig)
         files.append(f)
+    log.info("wrote %d PR-curve plots to %s", len(files), out)
     return files
