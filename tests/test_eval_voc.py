@@ -38,7 +38,6 @@ import pytest
 
 from conftest import shared_dataset
 from sppdet.data.records import VOC_CLASSES, Dataset, ImageRecord
-from sppdet.evaluation import voc as V
 from sppdet.evaluation.voc import (
     ELEVEN_POINTS,
     EvalResult,
