@@ -498,7 +498,10 @@ def test_colonop_documented_properties():
     # -1:0.01:1 holds no element equal to 0.2 (its 121st is 1 - 80*0.01), 0:0.01:1 does (21st is 20*0.01)
     assert 0.2 not in v and v[120] == 1 - 80 * 0.01
     assert m_colon(0, 0.01, 1)[20] == 0.2
-    assert m_colon(0, 0.15, 0.5) == [0, 0.15, 0.3, 0.44999999999999996] or len(m_colon(0, 0.15, 0.5)) == 4
+    # 0:0.15:0.5 stops at c = 3*0.15 (0.5 is not within tol of it), and the element before it is
+    # c - 0.15 (the second half counts back from c), not 2*0.15
+    assert m_colon(0, 0.15, 0.5) == [0, 0.15, 3 * 0.15 - 0.15, 3 * 0.15]
+    assert 3 * 0.15 - 0.15 != 2 * 0.15
 
 
 # =====================================================================================
