@@ -53,11 +53,14 @@ def plot_pr_curves(result: EvalResult, out_dir: str | Path, *, prefix: str = "pr
     curves = {c: r for c, r in result.per_class.items() if r.npos > 0}
     files: list[Path] = []
 
-    fig, ax = _figure(6.4, 5.2)
-    for c, r in curves.items():
+    fig, ax = _figure(8.4, 5.2)
+    from matplotlib import colormaps
+
+    colours = colormaps["tab20" if len(curves) > 10 else "tab10"].colors
+    for i, (c, r) in enumerate(curves.items()):
         if len(r.rec):
             ap = r.ap
-            ax.plot(np.nan_to_num(r.rec), np.nan_to_num(r.prec), lw=1.3,
+            ax.plot(np.nan_to_num(r.rec), np.nan_to_num(r.prec), lw=1.3, color=colours[i % len(colours)],
                     label=f"{c} ({ap:.3f})" if math.isfinite(ap) else c)
     mean = f"{result.mAP:.4f}" if math.isfinite(result.mAP) else "-"
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.02),
@@ -66,7 +69,7 @@ def plot_pr_curves(result: EvalResult, out_dir: str | Path, *, prefix: str = "pr
         fig.text(0.5, 0.005, result.curve, ha="center", va="bottom", fontsize=7, color="0.35")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower left", ncol=2 if len(curves) > 10 else 1)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     overview = out / f"overview_{prefix}.png"
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(overview)
