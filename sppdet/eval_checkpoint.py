@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .data import load_dataset
 from .data.images import load_image
@@ -61,19 +60,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     out = Path(results_dir) if results_dir else Path(checkpoint).resolve().parent / "results" / split
     write_voc_results(out, split, det.classes, {i: dets[i] for i in (r.image_id for r in ds) if i in dets})
     if metric == "coco":
-        from .boxes import voc_to_internal
-        from .evaluation.coco import evaluate_coco
+        from .evaluation.coco import evaluate_coco, voc_results_to_detections
 
-        raw = read_voc_results(out, split, det.classes)
-        per_image: dict[str, dict[str, list]] = {}
-        for k, c in enumerate(det.classes):
-            ids, scores, boxes = raw[c]
-            for iid, s, b in zip(ids, scores, boxes):
-                d = per_image.setdefault(iid, {"boxes": [], "scores": [], "labels": []})
-                d["boxes"].append(voc_to_internal(*b))
-                d["scores"].append(s)
-                d["labels"].append(k)
-        result = evaluate_coco(ds, {i: {k: np.asarray(v) for k, v in d.items()} for i, d in per_image.items()})
+        raw = read_voc_results(out, split, det.classes, image_ids=[r.image_id for r in ds])
+        result = evaluate_coco(ds, voc_results_to_detections(raw, det.classes))
     else:
         result = evaluate_voc_results(ds, out, metric)
     timings = {"detect_seconds": round(t_detect, 3), "images": len(dets),
