@@ -15,7 +15,8 @@ Four measurements, all in one process (the memory one in a fresh child):
    the ratio divides R-CNN seconds by the mean of the two SPP runs.  The
    baseline pooling (roi_pool) of the same windows on the same map is timed too.
 3. **Peak memory** of extracting one image at ``--memory-scale`` (1200) in a
-   fresh process (``ru_maxrss`` after building the backbone vs after extraction).
+   fresh process: the RSS high-water mark (``VmHWM``, reset just before) during
+   the extraction against the RSS before it (backbone built, image decoded).
 4. **Disk**: conv5 maps (float16) of ``--disk-split`` against one float32 feature
    per window (``windows x D x 4`` bytes).
 
@@ -249,6 +250,28 @@ def bench_images(bb, records, *, scale: int, max_side: int, levels, n_windows: i
 # 3. peak memory (fresh process)
 
 
+def _status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (Linux ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _memory_child(q, backbone: str, weights: str | None, path: str, scale: int, max_side: int, threads: int) -> None:
     import logging
 
@@ -262,13 +285,19 @@ def _memory_child(q, backbone: str, weights: str | None, path: str, scale: int, 
     bb = build_backbone(backbone, weights)
     image = load_image(path)
     ex = FeatureExtractor(bb, scales=(scale,), max_side=max_side, cache_dir=None, memory_cache=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss survives fork+exec on Linux (it would report the parent's peak): use the
+    # current mm's high-water mark VmHWM, reset just before the extraction
+    before = _status_mib("VmRSS")
+    exact = before is not None and _reset_peak()
+    if not exact:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (f, m), = ex.conv_maps(None, image)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _status_mib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     q.put({"image_size": [int(image.shape[1]), int(image.shape[0])],
            "input_size": [int(round(image.shape[1] * f)), int(round(image.shape[0] * f))],
-           "map": list(m.shape), "rss_before_mib": before / 1024, "peak_rss_mib": after / 1024,
-           "extraction_peak_increase_mib": (after - before) / 1024})
+           "map": list(m.shape), "rss_before_mib": before, "peak_rss_mib": after,
+           "extraction_peak_increase_mib": after - before,
+           "method": "VmHWM after clear_refs" if exact else "ru_maxrss (upper bound)"})
 
 
 def bench_memory(backbone: str, weights: str | None, path: str, scale: int, max_side: int,

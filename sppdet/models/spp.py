@@ -75,6 +75,7 @@ Implementations (all exact; see :func:`spp_pool`)
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -87,7 +88,7 @@ DEFAULT_LEVELS: tuple[int, ...] = (4, 2, 1)
 #: The paper's detection pyramid: {6, 3, 2, 1} = 50 bins.
 PAPER_DETECTION_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
 #: Sparse tables larger than this are built channel chunk by channel chunk.
-DEFAULT_MAX_TABLE_BYTES = 192 * 2**20
+DEFAULT_MAX_TABLE_BYTES = 32 * 2**20
 
 _IMPLS = ("auto", "numpy", "torch", "roi_pool")
 
@@ -258,14 +259,37 @@ def _table_rows(cells: torch.Tensor, base: list[int], H: int, W: int):
 # numpy sparse-table implementation (CPU, no autograd)
 
 
+_scratch = threading.local()
+
+
+def _scratch_array(n: int, dtype: np.dtype) -> np.ndarray:
+    """A reusable 1-D work array of at least ``n`` elements (one per thread).
+
+    Re-using the sparse table's memory avoids faulting in tens of MiB of fresh
+    pages on every call, which costs as much as the pooling itself on small
+    VMs.  At most ``max_table_bytes`` (plus the window buffers) stay allocated.
+    """
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.size < n:
+        _scratch.buf = None                       # free the old one first
+        buf = _scratch.buf = np.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def release_scratch() -> None:
+    """Free this thread's pooling work memory (it is reallocated when needed)."""
+    _scratch.buf = None
+
+
 def _table_numpy(X: np.ndarray, A: int, B: int) -> np.ndarray:
-    """Sparse table of ``X`` (ndarray[H, W, C]): ndarray[A, B, H, W, C].
+    """Sparse table of ``X`` (ndarray[H, W, C]): ndarray[A, B, H, W, C] (a scratch view).
 
     ``T[a, b, y, x] = max(X[y : y + 2**a, x : x + 2**b])`` where that block fits
-    in the map; other entries are left uninitialised and never read.
+    in the map; other entries are left uninitialised and never read.  The result
+    lives in the thread's scratch memory: valid until the next call.
     """
     H, W, C = X.shape
-    T = np.empty((A, B, H, W, C), dtype=X.dtype)
+    T = _scratch_array(A * B * H * W * C, X.dtype).reshape(A, B, H, W, C)
     T[0, 0] = X
     for a in range(1, A):
         s, hh = 1 << (a - 1), H - (1 << a) + 1
