@@ -72,6 +72,7 @@ def register(sub) -> None:
     p.add_argument("--no-rcnn", action="store_true", help="skip R-CNN mode")
     p.add_argument("--no-disk", action="store_true", help="skip the disk report")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto for the per-image part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
@@ -172,12 +173,20 @@ def _windows_for(image: np.ndarray, n: int, source: str, rng: np.random.Generato
     return boxes[:n].astype(np.float32), ss
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _spp_once(ex, image: np.ndarray, boxes: np.ndarray) -> tuple[float, float, list]:
+    _sync(ex.device)
     t0 = time.perf_counter()
     maps = ex.conv_maps(None, image)                 # no id, array: computed, not cached
+    _sync(ex.device)
     t1 = time.perf_counter()
     with torch.no_grad():
         ex.pooled(maps, boxes, image.shape[1])
+    _sync(ex.device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, maps
 
@@ -206,8 +215,11 @@ def bench_images(bb, records, *, scale: int, max_side: int, levels, n_windows: i
         conv_a, pool_a, maps = _spp_once(spp_ex, image, boxes)
         f, m = maps[0]
         cells = project_windows(boxes.astype(np.float64) * f, bb.stride, m.shape[1], m.shape[2], bb.center_offset)
+        mf = m.float()
+        _sync(spp_ex.device)
         t0 = time.perf_counter()
-        spp_pool(m.float(), cells, levels, impl="roi_pool")
+        spp_pool(mf, cells, levels, impl="roi_pool")
+        _sync(spp_ex.device)
         roi = time.perf_counter() - t0
         row = {"image": rec.image_id, "size": [int(image.shape[1]), int(image.shape[0])],
                "map": list(m.shape), "windows": len(boxes), "selective_search_windows": n_ss,
@@ -217,6 +229,7 @@ def bench_images(bb, records, *, scale: int, max_side: int, levels, n_windows: i
             k = len(boxes) if rcnn_windows <= 0 else min(rcnn_windows, len(boxes))
             t0 = time.perf_counter()
             rcnn_ex.features((None, image), boxes[:k])
+            _sync(rcnn_ex.device)
             secs = time.perf_counter() - t0
             row["rcnn_windows_run"] = k
             row["rcnn_s"] = secs * len(boxes) / k
@@ -371,8 +384,10 @@ def run(args: argparse.Namespace) -> int:
         ds = load_voc(args.data, args.split)
         if len(ds) == 0:
             raise SppdetError(f"{args.data}: split {args.split!r} has no images")
+        from ..utils.device import resolve_device
+
         bb = build_backbone(args.backbone, args.weights)
-        device = "cpu"
+        device = str(resolve_device(args.device))
         recs = ds.records[:max(1, args.images)]
         per = bench_images(bb, recs, scale=args.scale, max_side=args.max_side, levels=levels,
                            n_windows=args.windows, source=args.windows_from, rcnn=not args.no_rcnn,
