@@ -55,7 +55,7 @@ class ProposalConfig:
 class FeatureConfig:
     """Backbone, scales and spatial pyramid pooling."""
 
-    backbone: str = "zf5"            # zf5 | vgg16 | lite0
+    backbone: str = "zf5"            # zf5 | vgg16 | lite0 (= lite0-dilated) | lite0-c4 | lite0-cat
     weights: str | None = None       # None: the backbone's default (packaged / torchvision); a path; "random"
     mode: str = "spp"                # spp | rcnn
     scales: list[int] = field(default_factory=lambda: [688])
@@ -65,6 +65,8 @@ class FeatureConfig:
     cache_dtype: str = "float16"     # conv5 map storage
     rcnn_context: int = 16           # R-CNN mode: context padding (pixels at 224)
     rcnn_size: int = 224             # R-CNN mode: warp size
+    rcnn_batch: int = 32             # R-CNN mode: windows per backbone batch
+    memory_cache: int = 64           # conv maps (image x scale x flip) kept in RAM
 
 
 @dataclass
@@ -330,8 +332,9 @@ def validate(cfg: Config) -> None:
 
     if cfg.data.format not in ("voc", "coco"):
         bad("data.format", f"must be voc or coco, got {cfg.data.format!r}")
-    if cfg.features.backbone not in ("zf5", "vgg16", "lite0"):
-        bad("features.backbone", f"must be zf5, vgg16 or lite0, got {cfg.features.backbone!r}")
+    backbones = ("zf5", "vgg16", "lite0", "lite0-c4", "lite0-dilated", "lite0-cat")
+    if cfg.features.backbone not in backbones:
+        bad("features.backbone", f"must be one of {', '.join(backbones)}, got {cfg.features.backbone!r}")
     if cfg.features.mode not in ("spp", "rcnn"):
         bad("features.mode", f"must be spp or rcnn, got {cfg.features.mode!r}")
     if not cfg.features.scales or any(s <= 0 for s in cfg.features.scales):

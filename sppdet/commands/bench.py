@@ -11,7 +11,7 @@ BENCHES = ("bench_proposals", "bench_features")
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: proposals, features",
                        description="Speed benchmarks. Figures and the commands that produced them "
-                                   "are recorded in docs/BENCHMARKS.md.")
+                                   "are recorded in docs/PROPOSALS.md and docs/FEATURES.md.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
     for name in BENCHES:

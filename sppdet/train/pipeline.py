@@ -282,7 +282,7 @@ class Pipeline:
         }
         # default ImageNet weights (packaged Lite0, torchvision VGG16) are referenced; anything else
         # (random init, a user's file, conv layers fine-tuned end to end) travels inside the checkpoint
-        rebuildable = cfg.features.weights is None and backbone.name in ("lite0", "vgg16")
+        rebuildable = cfg.features.weights is None and backbone.name.startswith(("lite0", "vgg16"))
         if cfg.finetune.end_to_end or not rebuildable:
             payload["backbone_state"] = backbone.state_dict()
         if head is not None:
