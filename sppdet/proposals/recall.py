@@ -221,12 +221,14 @@ def plot_recall(results: Mapping[str, RecallResult] | RecallResult, out_dir: str
     paths.append(p)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
-    for name, res in results.items():
+    # one colour per proposal set; line style per measure
+    for n, (name, res) in enumerate(results.items()):
         ks = res.max_boxes_list
+        colour = f"C{n % 10}"
         for t, style in ((0.5, "-"), (0.7, "--")):
             vals = [_interp(res, t, j) for j in range(len(ks))]
-            ax.plot(ks, vals, style, label=f"{name} recall@{t}")
-        ax.plot(ks, res.ar_at_k(), ":", label=f"{name} AR")
+            ax.plot(ks, vals, style, color=colour, label=f"{name} recall@{t}")
+        ax.plot(ks, res.ar_at_k(), ":", color=colour, label=f"{name} AR")
     ax.set_xscale("log")
     ax.set_xlabel("number of boxes per image (first K in rank order)")
     ax.set_ylabel("recall")

@@ -280,7 +280,6 @@ def selective_search(image: np.ndarray, preset: str | Preset = "fast", max_boxes
     image = _check_image(image)
     p = get_preset(preset)
     height, width = image.shape[:2]
-    cv2.setNumThreads(1)
     runs = list(raw_runs(image, p))
     boxes = np.concatenate(runs) if runs else np.zeros((0, 4), np.float32)
     wh = boxes[:, 2:] - boxes[:, :2]
@@ -312,7 +311,6 @@ def opencv_selective_search(image: np.ndarray, mode: str = "fast") -> np.ndarray
         so it is NOT reproducible), no filtering, no cap.
     """
     image = _check_image(image)
-    cv2.setNumThreads(1)
     ss = _SEG.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(image[:, :, ::-1]))  # OpenCV expects BGR
     if mode == "fast":
