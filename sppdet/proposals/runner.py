@@ -16,6 +16,10 @@ With ``shard=(i, N)`` only every N-th image (dataset positions
 ``i-1, i-1+N, ...``) is computed and written to
 ``<stem>.shard-<i>-of-<N>.npz``; when all N shard files are present they are
 merged into the store (also by ``sppdet proposals --merge``).
+
+The pool uses the ``forkserver`` start method where available (``spawn``
+elsewhere), so a script calling :func:`compute_proposals` with ``workers != 1``
+must do so under ``if __name__ == "__main__":``, as with any multiprocessing.
 """
 
 from __future__ import annotations
