@@ -257,8 +257,11 @@ class FeatureExtractor:
             sz = resized.shape[:2]
             if sz not in by_size:
                 x = self.backbone.preprocess(resized)[None].to(self.device)
+                if x.device.type == "cpu":
+                    # oneDNN's convolutions run ~25% faster on NHWC input (measured on Lite0)
+                    x = x.contiguous(memory_format=torch.channels_last)
                 with torch.set_grad_enabled(grad):
-                    by_size[sz] = self.backbone(x)[0]
+                    by_size[sz] = self.backbone(x)[0].contiguous()
             out.append((f, by_size[sz]))
         return out
 

@@ -100,16 +100,44 @@ def same_pad(x: torch.Tensor, kernel: int, stride: int, dilation: int = 1) -> to
     ``max((ceil(n/s) - 1) * s + (k - 1) * d + 1 - n, 0)``, of which ``total // 2``
     goes on the top/left and the rest on the bottom/right.
     """
-    pads = []
-    for n in (x.shape[-1], x.shape[-2]):
-        out = math.ceil(n / stride)
-        total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
-        pads += [total // 2, total - total // 2]
+    pads = [*_tf_pads(x.shape[-1], kernel, stride, dilation), *_tf_pads(x.shape[-2], kernel, stride, dilation)]
     return F.pad(x, pads) if any(pads) else x
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def _tf_pads(n: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    out = math.ceil(n / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+    return total // 2, total - total // 2
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stride: int = 1, dilation: int = 1,
+            same: bool = False) -> torch.Tensor:
+    """``bn(conv(x))`` with TensorFlow "SAME" padding when ``same``.
+
+    In eval mode the BatchNorm is folded into the convolution (one pass over
+    the activations instead of two), and symmetric padding is left to the
+    convolution instead of copying the input with ``F.pad``; the result is the
+    same up to float rounding.  In training mode it is the plain composition, so
+    BatchNorm statistics update as usual.
+    """
+    k = conv.kernel_size[0]
+    pad = (0, 0)
+    if same:
+        ph, pw = _tf_pads(x.shape[-2], k, stride, dilation), _tf_pads(x.shape[-1], k, stride, dilation)
+        if ph[0] == ph[1] and pw[0] == pw[1]:
+            pad = (ph[0], pw[0])
+        else:
+            x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
+    if bn.training:
+        return bn(F.conv2d(x, conv.weight, None, stride, pad, dilation, conv.groups))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w = conv.weight * scale.reshape(-1, 1, 1, 1)
+    b = bn.bias - bn.running_mean * scale
+    return F.conv2d(x, w, b, stride, pad, dilation, conv.groups)
 
 
 class MBConv(nn.Module):
@@ -137,11 +165,9 @@ class MBConv(nn.Module):
         s = self.stride if stride is None else stride
         h = x
         if self.expand != 1:
-            h = F.relu6(self._bn0(self._expand_conv(h)))
-        h = same_pad(h, self.kernel, s, dilation)
-        h = F.conv2d(h, self._depthwise_conv.weight, None, s, 0, dilation, self._depthwise_conv.groups)
-        h = F.relu6(self._bn1(h))
-        h = self._bn2(self._project_conv(h))
+            h = F.relu6(conv_bn(h, self._expand_conv, self._bn0))
+        h = F.relu6(conv_bn(h, self._depthwise_conv, self._bn1, s, dilation, same=True))
+        h = conv_bn(h, self._project_conv, self._bn2)
         return h + x if self.has_skip else h
 
 
@@ -178,7 +204,7 @@ class EfficientNetLite0(Backbone):
         self._dropout = nn.Dropout(0.2)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu6(self._bn0(self._conv_stem(same_pad(x, 3, 2))))
+        return F.relu6(conv_bn(x, self._conv_stem, self._bn0, 2, same=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[B, 3, H, W] (normalised) -> Tensor[B, out_channels, ceil(H/16), ceil(W/16)]."""
@@ -201,6 +227,6 @@ class EfficientNetLite0(Backbone):
         h = self._stem(x)
         for blk in self._blocks:
             h = blk(h)
-        h = F.relu6(self._bn1(self._conv_head(h)))
+        h = F.relu6(conv_bn(h, self._conv_head, self._bn1))
         h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
         return self._fc(self._dropout(h))
