@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("SPPDET_PROGRESS", "0")
 
@@ -25,3 +26,13 @@ def shared_dataset(name: str) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder, never the user's ~/.cache/sppdet."""
     monkeypatch.setenv("SPPDET_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op torch thread for tests of many small ops: OpenMP oversubscription on a
+    busy 2-core machine makes them several times slower, not faster (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

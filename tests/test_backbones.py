@@ -15,14 +15,7 @@ from sppdet.models import build_backbone
 from sppdet.models.efficientnet_lite import same_pad
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription makes
-    these small ops several times slower, not faster (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------------

@@ -21,14 +21,7 @@ from sppdet.models.spp import choose_scales, project_windows, resize_factor, spp
 SCALES = (64, 96)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription makes
-    these small ops several times slower, not faster (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def smooth_image(seed: int, h: int = 90, w: int = 120) -> np.ndarray:

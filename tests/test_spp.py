@@ -13,14 +13,7 @@ import torchvision
 from sppdet.models import spp
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription makes
-    these small ops several times slower, not faster (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------
 # Slow, obvious references

@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 STAGES = ("proposals", "features", "finetune", "svm", "bbox_reg")
 
 
+def params_from_config(cls, section, **extra):
+    """Build a library parameter dataclass from the config section fields of the same names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
+    return cls(**{**values, **extra})
+
+
 def features_key(cfg: Config, backbone) -> str:
     """Identifies the features a config and backbone weights produce (for stage keys)."""
     f = cfg.features
@@ -310,11 +317,7 @@ class Pipeline:
                 backbone.weights_id = state["backbone_weights_id"]
             self._timed("finetune", lambda: None, reused=True)
             return head.to(self.device).eval(), key
-        params = FinetuneParams(
-            iterations=iters, batch_size=ft.batch_size, images_per_batch=ft.images_per_batch,
-            fg_fraction=ft.fg_fraction, fg_iou=ft.fg_iou, bg_iou_low=ft.bg_iou_low, bg_iou_high=ft.bg_iou_high,
-            lr=ft.lr, lr_step_fraction=ft.lr_step_fraction, momentum=ft.momentum,
-            weight_decay=ft.weight_decay, flip=cfg.features.flip, seed=cfg.seed)
+        params = params_from_config(FinetuneParams, ft, iterations=iters, flip=cfg.features.flip, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         head.reset_parameters()
         extra_modules, extra_groups = None, None
@@ -385,13 +388,7 @@ class Pipeline:
             sample.append(features(int(i), np.sort(rng.choice(n, min(n, 64), replace=False))))
         scale = feature_scale(np.concatenate(sample), cfg.svm.feature_norm)
 
-        s = cfg.svm
-        params = SVMParams(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier,
-                           feature_norm=s.feature_norm, neg_iou=s.neg_iou, hard_threshold=s.hard_threshold,
-                           evict_threshold=s.evict_threshold, retrain_images=s.retrain_images,
-                           retrain_limit=s.retrain_limit, max_negatives_first=s.max_negatives_first,
-                           passes=s.passes, solver=s.solver, tol=s.tol, max_iter=s.max_iter,
-                           device=cfg.device, seed=cfg.seed)
+        params = params_from_config(SVMParams, cfg.svm, device=cfg.device, seed=cfg.seed)
         return train_svms(get_windows, len(windows), K, params, class_names=classes,
                           progress=self.show_progress, get_positives=get_positives, scale=scale)
 
