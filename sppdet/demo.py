@@ -33,7 +33,10 @@ def run_demo(out: Path, *, images: int | None = None, seed: int = 0, config: str
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    upd: dict = {"cache_dir": str((out / "cache").resolve())}
+    from .data.synthetic import SYNTHETIC_CLASSES
+
+    # the class list is the generator's: a small dataset may lack a class in one split
+    upd: dict = {"cache_dir": str((out / "cache").resolve()), "data": {"classes": list(SYNTHETIC_CLASSES)}}
     for text in overrides or []:
         upd = deep_update(upd, parse_override(text))
     if device:

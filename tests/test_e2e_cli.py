@@ -116,3 +116,33 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert lines[-1].startswith("sppdet: error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_demo_command_runs_every_step_and_reuses_on_rerun(tmp_path, capsys):
+    out = tmp_path / "demo"
+    # TINY's values go through the demo's own --set (workers through --workers)
+    sets = [x for pair in zip(["--set"] * 99, [a for a in TINY if a != "--set" and
+                                                 not a.startswith("proposals.workers")]) for x in pair]
+    args = ["-q", "demo", "--out", str(out), "--images", "10", "--seed", "3", "--workers", "1", *sets]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "test mAP (VOC07 11-point):" in first
+    mAP = float(first.split("test mAP (VOC07 11-point):")[1].split()[0])
+    assert 0.0 <= mAP <= 1.0
+    for p in ("data/ImageSets/Main/test.txt", "run/model.pt", "report/index.html"):
+        assert (out / p).is_file(), p
+    assert list((out / "results").glob("comp4_det_test_*.txt"))
+    assert list((out / "detections").glob("*.json"))
+    timings = json.loads((out / "run" / "timings.json").read_text())
+
+    def cache_files():
+        return {str(p): p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()}
+
+    before = cache_files()
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    assert f"test mAP (VOC07 11-point): {mAP:.4f}" in second          # same model, same numbers
+    again = json.loads((out / "run" / "timings.json").read_text())
+    assert all(again[k]["reused"] for k in ("finetune", "svm", "bbox_reg")), again
+    assert cache_files() == before      # no proposal or conv5 map recomputed
+    assert timings["finetune"]["reused"] is False
