@@ -38,7 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+
+class _Torch:
+    """``torch``, imported on first use: registering this command must not slow `sppdet --help`."""
+
+    def __getattr__(self, name: str):
+        import torch as _t
+
+        return getattr(_t, name)
+
+
+torch = _Torch()
 
 from ..errors import SppdetError
 
