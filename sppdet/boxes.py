@@ -13,8 +13,9 @@ numpy arrays); IoU and NMS are delegated to ``torchvision.ops``.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torchvision
+
+# torch / torchvision are imported inside the functions that need them: the data layer and the
+# CLI's parser import this module, and `sppdet --help` should not wait seconds for torch
 
 # ---------------------------------------------------------------------------
 # Conversions at the edges
@@ -57,6 +58,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), dtype=np.float64)
+    import torch
+    import torchvision
+
     return torchvision.ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
@@ -96,6 +100,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     """
     if len(boxes) == 0:
         return np.zeros((0,), dtype=np.int64)
+    import torch
+    import torchvision
+
     keep = torchvision.ops.nms(
         torch.as_tensor(np.asarray(boxes), dtype=torch.float32),
         torch.as_tensor(np.asarray(scores), dtype=torch.float32),
@@ -108,6 +115,9 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_t
     """Per-class NMS (``torchvision.ops.batched_nms``): boxes of different labels never suppress each other."""
     if len(boxes) == 0:
         return np.zeros((0,), dtype=np.int64)
+    import torch
+    import torchvision
+
     keep = torchvision.ops.batched_nms(
         torch.as_tensor(np.asarray(boxes), dtype=torch.float32),
         torch.as_tensor(np.asarray(scores), dtype=torch.float32),

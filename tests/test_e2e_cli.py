@@ -146,3 +146,12 @@ def test_demo_command_runs_every_step_and_reuses_on_rerun(tmp_path, capsys):
     assert all(again[k]["reused"] for k in ("finetune", "svm", "bbox_reg")), again
     assert cache_files() == before      # no proposal or conv5 map recomputed
     assert timings["finetune"]["reused"] is False
+
+
+def test_building_the_cli_does_not_import_torch():
+    # `sppdet --help` and argument errors must answer at once, not after seconds of `import torch`
+    code = ("import sys; from sppdet.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -17,25 +17,10 @@ the order).
 """
 
 from .presets import PRESETS, Preset, get_preset, parse_override
-
-# the rest is imported on first use (PEP 562), so that `sppdet --help` does not pay for torch
-_LAZY = {
-    "RecallResult": "recall", "compute_recall": "recall", "plot_recall": "recall",
-    "compute_proposals": "runner", "load_splits": "runner",
-    "fallback_windows": "selective_search", "opencv_selective_search": "selective_search",
-    "selective_search": "selective_search",
-    "ProposalStore": "store", "ProposalStoreError": "store", "default_store_path": "store",
-    "merge_shards": "store",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .recall import RecallResult, compute_recall, plot_recall
+from .runner import compute_proposals, load_splits
+from .selective_search import fallback_windows, opencv_selective_search, selective_search
+from .store import ProposalStore, ProposalStoreError, default_store_path, merge_shards
 
 __all__ = [
     "PRESETS", "Preset", "get_preset", "parse_override",
