@@ -25,7 +25,7 @@ def run_demo(out: Path, *, images: int | None = None, seed: int = 0, config: str
              overrides: list[str] | None = None, device: str | None = None,
              workers: int | None = None) -> str:
     """Run the demo into ``out``; returns the summary printed by ``sppdet demo``."""
-    from .data.synthetic import make_synthetic
+    from .data.synthetic import SYNTHETIC_CLASSES, make_synthetic
     from .detect import Detector, detect_images
     from .eval_checkpoint import evaluate_checkpoint
     from .train.pipeline import train
@@ -33,8 +33,6 @@ def run_demo(out: Path, *, images: int | None = None, seed: int = 0, config: str
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from .data.synthetic import SYNTHETIC_CLASSES
-
     # the class list is the generator's: a small dataset may lack a class in one split
     upd: dict = {"cache_dir": str((out / "cache").resolve()), "data": {"classes": list(SYNTHETIC_CLASSES)}}
     for text in overrides or []:

@@ -121,8 +121,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_demo_command_runs_every_step_and_reuses_on_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     # TINY's values go through the demo's own --set (workers through --workers)
-    sets = [x for pair in zip(["--set"] * 99, [a for a in TINY if a != "--set" and
-                                                 not a.startswith("proposals.workers")]) for x in pair]
+    sets = [a for flag, value in zip(TINY[::2], TINY[1::2])
+            if not value.startswith("proposals.workers") for a in (flag, value)]
     args = ["-q", "demo", "--out", str(out), "--images", "10", "--seed", "3", "--workers", "1", *sets]
     assert main(args) == 0
     first = capsys.readouterr().out
