@@ -129,6 +129,9 @@ class TestConfig:
     nms: float = 0.3
     max_per_image: int = 100
     score_threshold: float | None = None   # None: keep the top max_per_image after NMS
+    # beyond the paper (both off in its configs):
+    box_voting: float | None = None   # IoU: kept boxes become the score-weighted mean of their neighbours
+    flip: bool = False                # also score the mirrored image; average scores and boxes
     batch_images: int = 1
 
 
@@ -361,5 +364,7 @@ def validate(cfg: Config) -> None:
         bad("finetune.dropout", "must be in [0, 1)")
     if not 0 < cfg.test.nms <= 1:
         bad("test.nms", "must be in (0, 1]")
+    if cfg.test.box_voting is not None and not 0 < cfg.test.box_voting <= 1:
+        bad("test.box_voting", "must be null or in (0, 1]")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         bad("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -21,9 +21,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .boxes import batched_nms, clip_boxes, valid_boxes
+from .boxes import batched_nms, box_iou, clip_boxes, flip_boxes, valid_boxes
 from .checkpoint import load_checkpoint
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, merge, validate
 from .data.images import load_image
 from .data.records import Dataset, ImageRecord
 from .errors import CheckpointError, ImageDecodeError
@@ -75,8 +75,8 @@ class Timer:
 
 def postprocess(scores: np.ndarray, boxes: np.ndarray, width: int, height: int, *, nms: float = 0.3,
                 max_per_image: int = 100, score_threshold: float | None = None,
-                pre_nms_top: int = PRE_NMS_TOP) -> Detections:
-    """Per-class NMS and the top-``max_per_image`` cut.
+                pre_nms_top: int = PRE_NMS_TOP, box_voting: float | None = None) -> Detections:
+    """Per-class NMS, optional box voting and the top-``max_per_image`` cut.
 
     Args:
         scores (ndarray[N, K]): class scores of N windows.
@@ -85,6 +85,10 @@ def postprocess(scores: np.ndarray, boxes: np.ndarray, width: int, height: int, 
         nms: IoU above which a lower-scoring box of the same class is suppressed (0.3).
         max_per_image: keep at most this many detections over all classes.
         score_threshold: drop detections scoring below it (None: keep all).
+        box_voting: None (the paper), or an IoU: every box NMS keeps is replaced by the
+            average of the candidate boxes of its class that overlap it at least this much,
+            weighted by ``exp(score - kept score)`` (Gidaris & Komodakis 2015); its score
+            is unchanged.
     """
     n, k = scores.shape
     if n == 0 or k == 0:
@@ -111,7 +115,34 @@ def postprocess(scores: np.ndarray, boxes: np.ndarray, width: int, height: int, 
     lab = np.concatenate(cand_labels)
     keep = batched_nms(b, s, lab, nms)
     keep = keep[np.argsort(-s[keep], kind="stable")][:max_per_image]
-    return Detections(b[keep], s[keep], lab[keep])
+    out = b[keep]
+    if box_voting is not None and len(keep):
+        out = vote_boxes(b, s, lab, keep, box_voting)
+    return Detections(out, s[keep], lab[keep])
+
+
+def vote_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, keep: np.ndarray,
+               iou_threshold: float) -> np.ndarray:
+    """Box voting: each kept box becomes the score-weighted mean of its same-class neighbours.
+
+    Args:
+        boxes (ndarray[N, 4]), scores (ndarray[N]), labels (ndarray[N]): all candidates.
+        keep (ndarray[M]): indices of the boxes NMS kept.
+        iou_threshold: candidates of the kept box's class overlapping it at least this much vote
+            (the kept box itself always does).
+
+    Returns:
+        ndarray[M, 4] float32: the voted boxes (inside the image when the candidates are).
+    """
+    iou = box_iou(boxes[keep], boxes)                             # [M, N]
+    same = labels[keep][:, None] == labels[None, :]
+    member = (iou >= iou_threshold) & same
+    member[np.arange(len(keep)), keep] = True
+    # exp(s - s_kept) <= 1 when box_voting >= nms (a better neighbour would have suppressed the kept box);
+    # the clamp only guards the overflow a lower voting threshold could bring
+    w = np.where(member, np.exp(np.minimum(scores[None, :] - scores[keep][:, None], 30.0)), 0.0)
+    voted = (w @ boxes.astype(np.float64)) / w.sum(1, keepdims=True)
+    return voted.astype(np.float32)
 
 
 class Detector:
@@ -139,12 +170,17 @@ class Detector:
     # ------------------------------------------------------------------ build
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto",
-                        cache_dir: str | Path | None = None) -> "Detector":
+                        cache_dir: str | Path | None = None,
+                        test_overrides: dict[str, Any] | None = None) -> "Detector":
+        """Load ``model.pt``; ``test_overrides`` changes test-time settings (``{"nms": 0.2}``)."""
         ckpt = load_checkpoint(path)
         try:
             cfg = config_from_dict(ckpt["config"])
         except Exception as e:
             raise CheckpointError(f"{path}: checkpoint config is invalid ({e})") from None
+        if test_overrides:
+            cfg = merge(cfg, {"test": test_overrides}, "--set")
+            validate(cfg)
         dev = resolve_device(device if device != "auto" else cfg.device)
         cache = Path(cache_dir) if cache_dir else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         bb = ckpt["backbone"]
@@ -182,19 +218,41 @@ class Detector:
         scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
         return scores, pooled.cpu().numpy()
 
-    def detect_windows(self, feats: torch.Tensor, windows: np.ndarray, width: int, height: int) -> Detections:
-        """Detections from the features (Tensor[N, D]) of windows (ndarray[N, 4]) of one image."""
-        t = time.perf_counter()
-        scores, pooled = self.score_features(feats)
-        if self.use_bbox_reg and self.bbox_reg is not None:
-            boxes = self.bbox_reg.predict_all(pooled, windows)       # [N, K, 4]
-        else:
-            boxes = windows
-        self.timer.add("classify", time.perf_counter() - t)
+    def window_scores(self, item: Any, windows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """SVM scores (ndarray[N, K]) and per-class boxes (ndarray[N, K, 4], or the windows [N, 4]
+        without regression) of the windows of one image.
+
+        With ``test.flip`` the mirrored image is scored too: the scores are averaged, and the
+        box predicted from the mirrored features (mapped back) is averaged with the direct one.
+        """
+        views = (False, True) if self.cfg.test.flip else (False,)
+        scores_sum, boxes_sum = None, None
+        for flip in views:
+            t = time.perf_counter()
+            feats = self.extractor.features(item, windows, flip=flip)
+            self.timer.add("features", time.perf_counter() - t)
+            t = time.perf_counter()
+            scores, pooled = self.score_features(feats)
+            if self.use_bbox_reg and self.bbox_reg is not None:
+                if flip:
+                    boxes = self.bbox_reg.predict_all(pooled, flip_boxes(windows, width))
+                    boxes = flip_boxes(boxes.reshape(-1, 4), width).reshape(boxes.shape)
+                else:
+                    boxes = self.bbox_reg.predict_all(pooled, windows)       # [N, K, 4]
+            else:
+                boxes = np.asarray(windows, dtype=np.float32)
+            scores_sum = scores if scores_sum is None else scores_sum + scores
+            boxes_sum = boxes if boxes_sum is None else boxes_sum + boxes
+            self.timer.add("classify", time.perf_counter() - t)
+        return scores_sum / len(views), boxes_sum / len(views)
+
+    def detect_item(self, item: Any, windows: np.ndarray, width: int, height: int) -> Detections:
+        """Detections of one image (a record or ``(image_id, path_or_array)``) from its windows."""
+        scores, boxes = self.window_scores(item, windows, width)
         t = time.perf_counter()
         test = self.cfg.test
         det = postprocess(scores, boxes, width, height, nms=test.nms, max_per_image=test.max_per_image,
-                          score_threshold=test.score_threshold)
+                          score_threshold=test.score_threshold, box_voting=test.box_voting)
         self.timer.add("nms", time.perf_counter() - t)
         return det
 
@@ -212,12 +270,9 @@ class Detector:
             preset = get_preset(self.cfg.proposals.mode, **self.cfg.proposals.overrides)
             proposals = selective_search(array, preset, self.cfg.proposals.max_boxes)
             self.timer.add("proposals", time.perf_counter() - t)
-        t = time.perf_counter()
         key = None if isinstance(image, np.ndarray) else str(image)
-        feats = self.extractor.features((key, array), proposals)
-        self.timer.add("features", time.perf_counter() - t)
         self.timer.images += 1
-        return self.detect_windows(feats, proposals, w, h).as_dict()
+        return self.detect_item((key, array), proposals, w, h).as_dict()
 
     def detect_dataset(self, dataset: Dataset, *, workers: int | None = None,
                        skip_bad_images: bool | None = None, show_progress: bool = True) -> dict[str, Detections]:
@@ -237,17 +292,14 @@ class Detector:
                 log.warning("%s: skipped (no proposals: the image could not be decoded)", rec.path)
                 continue
             boxes = store[rec.image_id]
-            t = time.perf_counter()
             try:
-                feats = self.extractor.features(rec, boxes)
+                out[rec.image_id] = self.detect_item(rec, boxes, rec.width, rec.height)
             except ImageDecodeError as e:
                 if not skip:
                     raise
                 log.warning("%s", e)
                 continue
-            self.timer.add("features", time.perf_counter() - t)
             self.timer.images += 1
-            out[rec.image_id] = self.detect_windows(feats, boxes, rec.width, rec.height)
         return out
 
 

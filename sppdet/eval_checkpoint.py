@@ -37,7 +37,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
                         device: str = "auto", cache_dir: str | Path | None = None, use_bbox_reg: bool = True,
                         data_format: str | None = None, annotations: str | None = None,
                         workers: int | None = None, show_progress: bool = True,
-                        report_examples: int = 8) -> CheckpointEvaluation:
+                        report_examples: int = 8,
+                        test_overrides: dict[str, Any] | None = None) -> CheckpointEvaluation:
     """Detect on ``split`` of ``data_root`` and score the detections.
 
     Args:
@@ -47,8 +48,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
             (default: ``<checkpoint folder>/results/<split>``).
         report_dir: also write an HTML report there.
         use_bbox_reg: apply the box regressors (False: score the raw proposals).
+        test_overrides: changes to the checkpoint's ``test`` settings (``{"nms": 0.2}``).
     """
-    det = Detector.from_checkpoint(checkpoint, device=device, cache_dir=cache_dir)
+    det = Detector.from_checkpoint(checkpoint, device=device, cache_dir=cache_dir, test_overrides=test_overrides)
     det.use_bbox_reg = use_bbox_reg and det.bbox_reg is not None
     fmt = data_format or det.cfg.data.format
     ann = annotations or det.cfg.data.coco_annotations.get(split)

@@ -105,6 +105,51 @@ def test_python_api(trained):
     assert len(out["scores"]) == len(out["labels"]) == len(out["boxes"])
 
 
+def test_test_time_flip_averages_the_two_views(trained):
+    import numpy as np
+
+    from sppdet.boxes import flip_boxes
+    from sppdet.data.images import load_image
+    from sppdet.detect import Detector
+
+    ckpt = trained["run"] / "model.pt"
+    both = Detector.from_checkpoint(ckpt, device="cpu", test_overrides={"flip": True, "box_voting": 0.5})
+    plain = Detector.from_checkpoint(ckpt, device="cpu")
+    assert both.cfg.test.flip and both.cfg.test.box_voting == 0.5 and not plain.cfg.test.flip
+    img = load_image(sorted((trained["data"] / "JPEGImages").glob("*.jpg"))[0])
+    h, w = img.shape[:2]
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, [w - 40, h - 40], (30, 2))
+    windows = np.concatenate([xy, xy + rng.uniform(20, 40, (30, 2))], 1)
+    s, b = both.window_scores((None, img), windows, w)
+    s0, b0 = plain.window_scores((None, img), windows, w)
+    # reference: the plain detector on a mirrored copy of the image, its windows and boxes mirrored
+    s1, b1 = plain.window_scores((None, np.ascontiguousarray(img[:, ::-1])), flip_boxes(windows, w), w)
+    b1 = flip_boxes(b1.reshape(-1, 4), w).reshape(b1.shape)
+    np.testing.assert_allclose(s, (s0 + s1) / 2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b, (b0 + b1) / 2, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(s0, s1)           # the mirrored view really is a second opinion
+    out = both(img)
+    assert out["boxes"].shape[1] == 4 and len(out["scores"]) == len(out["labels"])
+
+
+def test_eval_and_detect_accept_test_settings_only(trained, tmp_path, capsys):
+    ckpt = str(trained["run"] / "model.pt")
+    capsys.readouterr()
+    assert main(["-q", "eval", "--checkpoint", ckpt, "--data", str(trained["data"]), "--results",
+                 str(tmp_path / "res"), "--json", "--cache", str(trained["cache"]), "--set", "test.flip=true",
+                 "--set", "test.box_voting=0.5", "--set", "test.nms=0.25"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["mAP"] <= 1.0
+    for bad, msg in ((["--set", "svm.C=1"], "only test.* settings"),
+                     (["--set", "test.box_voting=2"], "test.box_voting"),
+                     (["--set", "test.nmss=0.2"], "unknown key 'nmss'")):
+        r = subprocess.run([sys.executable, "-m", "sppdet", "detect", "--checkpoint", ckpt, "--out",
+                            str(tmp_path / "d"), str(trained["data"] / "JPEGImages"), *bad],
+                           capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr
+
+
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     cases = [
         ["train", "--config", str(tmp_path / "missing.yaml")],

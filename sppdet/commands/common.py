@@ -35,3 +35,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "workers", None) is not None:
         overrides = deep_update(overrides, {"proposals": {"workers": args.workers}})
     return load_config(getattr(args, "config", None), overrides or None)
+
+
+def add_test_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="test.KEY=VALUE",
+                   help="change a test-time setting of the checkpoint, e.g. --set test.nms=0.2, "
+                        "--set test.box_voting=0.5, --set test.flip=true (repeatable; only test.*)")
+
+
+def test_overrides_from_args(args: argparse.Namespace) -> dict | None:
+    """The ``test`` section updates given with ``--set test.KEY=VALUE`` (other sections are fixed by training)."""
+    from ..errors import ConfigError
+
+    out: dict = {}
+    for text in getattr(args, "overrides", []) or []:
+        d = parse_override(text)
+        if set(d) != {"test"} or not isinstance(d["test"], dict):
+            raise ConfigError(f"--set {text!r}: only test.* settings can change after training "
+                              "(e.g. test.nms=0.2)")
+        out = deep_update(out, d["test"])
+    return out or None

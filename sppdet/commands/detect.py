@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .common import add_test_overrides, test_overrides_from_args
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -23,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: $SPPDET_CACHE)")
     p.add_argument("--no-draw", action="store_true", help="write JSON only")
+    add_test_overrides(p)
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,8 @@ def run(args) -> int:
     from ..detect import Detector, detect_images
 
     paths = _expand(args.inputs)
-    det = Detector.from_checkpoint(args.checkpoint, device=args.device, cache_dir=args.cache)
+    det = Detector.from_checkpoint(args.checkpoint, device=args.device, cache_dir=args.cache,
+                                   test_overrides=test_overrides_from_args(args))
     out = Path(args.out)
     failed = 0
     for path, result in detect_images(det, paths, out, threshold=args.threshold, draw=not args.no_draw):

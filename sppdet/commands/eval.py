@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .common import add_test_overrides, test_overrides_from_args
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -25,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: as trained / $SPPDET_CACHE)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="selective-search processes")
+    add_test_overrides(p)
     p.set_defaults(func=run)
 
 
@@ -35,7 +38,8 @@ def run(args) -> int:
     ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, metric=args.metric,
                              results_dir=args.results, report_dir=args.report, device=args.device,
                              cache_dir=args.cache, use_bbox_reg=not args.no_bbox_reg, data_format=args.format,
-                             annotations=args.annotations, workers=args.workers)
+                             annotations=args.annotations, workers=args.workers,
+                             test_overrides=test_overrides_from_args(args))
     if args.json:
         out = ev.result.to_json()
         out.update({"results": str(ev.results_dir), "images": len(ev.detections),
