@@ -15,8 +15,10 @@ from .config import deep_update, load_config, parse_override
 
 log = logging.getLogger(__name__)
 
-#: Synthetic images for the demo (half trainval, half test) when --images is not given.
-DEMO_IMAGES = 300
+#: Synthetic images for the demo when --images is not given ...
+DEMO_IMAGES = 400
+#: ... of which this fraction is the test split (150 of 400; 250 train).
+DEMO_TEST_FRACTION = 0.375
 #: Test images the demo runs `detect` on.
 DEMO_DETECT_IMAGES = 4
 
@@ -46,7 +48,7 @@ def run_demo(out: Path, *, images: int | None = None, seed: int = 0, config: str
     n = images or DEMO_IMAGES
     data = out / "data"
     log.info("demo 1/4: synthetic dataset (%d images) in %s", n, data)
-    make_synthetic(data, num_images=n, seed=seed)
+    make_synthetic(data, num_images=n, seed=seed, test_fraction=DEMO_TEST_FRACTION)
     t_data = time.perf_counter() - t0
 
     log.info("demo 2/4: training %s", config)

@@ -15,7 +15,7 @@ def register(sub) -> None:
                     "under --out; re-running reuses what is done.")
     p.add_argument("--out", default="sppdet-demo", metavar="DIR", help="output folder (default: ./sppdet-demo)")
     p.add_argument("--images", type=int, default=None, metavar="N",
-                   help="synthetic images, split half trainval / half test (default: the demo config's)")
+                   help="synthetic images, 62.5%% trainval / 37.5%% test (default 400)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="dataset seed (default 0)")
     p.add_argument("--config", default="demo_lite0", metavar="C", help="config (default: demo_lite0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
