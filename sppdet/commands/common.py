@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import Config, load_config, parse_override, deep_update
+from ..errors import ConfigError
 
 
 def add_config_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -45,8 +46,6 @@ def add_test_overrides(p: argparse.ArgumentParser) -> None:
 
 def test_overrides_from_args(args: argparse.Namespace) -> dict | None:
     """The ``test`` section updates given with ``--set test.KEY=VALUE`` (other sections are fixed by training)."""
-    from ..errors import ConfigError
-
     out: dict = {}
     for text in getattr(args, "overrides", []) or []:
         d = parse_override(text)
