@@ -67,6 +67,9 @@ class FeatureConfig:
     rcnn_size: int = 224             # R-CNN mode: warp size
     rcnn_batch: int = 32             # R-CNN mode: windows per backbone batch
     memory_cache: int = 64           # conv maps (image x scale x flip) kept in RAM
+    pooled_memory_gb: float = 4.0    # training: SPP features of every training window kept in RAM (0: off)
+    context: float = 0.0             # beyond the paper: also pool the window enlarged by this factor (0: off)
+    context_pyramid: list[int] = field(default_factory=lambda: [2, 1])   # levels of that enlarged window
 
 
 @dataclass
@@ -346,6 +349,14 @@ def validate(cfg: Config) -> None:
         bad("features.pyramid", f"must be a non-empty list of positive bin counts, got {cfg.features.pyramid}")
     if cfg.features.cache_dtype not in ("float16", "float32"):
         bad("features.cache_dtype", f"must be float16 or float32, got {cfg.features.cache_dtype!r}")
+    if cfg.features.context and not cfg.features.context > 1:
+        bad("features.context", f"must be 0 (off) or a factor > 1, got {cfg.features.context}")
+    if cfg.features.context and cfg.features.mode != "spp":
+        bad("features.context", "works in spp mode only")
+    if not cfg.features.context_pyramid or any(n <= 0 for n in cfg.features.context_pyramid):
+        bad("features.context_pyramid", f"must be a non-empty list of positive bin counts, got {cfg.features.context_pyramid}")
+    if not cfg.features.pooled_memory_gb >= 0:
+        bad("features.pooled_memory_gb", f"must be >= 0 (0: off), got {cfg.features.pooled_memory_gb}")
     if cfg.proposals.max_boxes <= 0:
         bad("proposals.max_boxes", "must be positive")
     if cfg.svm.solver not in ("liblinear", "torch"):

@@ -310,7 +310,7 @@ def make_extractor(cfg: Config, backbone, device: torch.device, cache_dir: Path)
         backbone, scales=tuple(f.scales), max_side=f.max_side, pyramid=tuple(f.pyramid), device=device,
         cache_dir=Path(cache_dir) / "features", cache_dtype=f.cache_dtype, mode=f.mode,
         rcnn_size=f.rcnn_size, rcnn_context=f.rcnn_context, rcnn_batch=f.rcnn_batch,
-        memory_cache=f.memory_cache,
+        memory_cache=f.memory_cache, context=f.context, context_pyramid=tuple(f.context_pyramid),
     )
 
 

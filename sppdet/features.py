@@ -78,6 +78,15 @@ def resize_image(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=interp)
 
 
+def enlarge_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
+    """Boxes (ndarray[N, 4] x1, y1, x2, y2) scaled by ``factor`` about their centres
+    (not clipped: :func:`~sppdet.models.spp.project_windows` clamps to the map)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    c = 0.5 * (b[:, :2] + b[:, 2:])
+    half = 0.5 * factor * (b[:, 2:] - b[:, :2])
+    return np.concatenate([c - half, c + half], axis=1)
+
+
 def context_boxes(boxes: np.ndarray, size: int = 224, context: int = 16) -> np.ndarray:
     """R-CNN's context padding: enlarge boxes so that ``context`` px surround them at ``size`` px.
 
@@ -114,15 +123,24 @@ class FeatureExtractor:
         rcnn_size, rcnn_context: R-CNN warp size and context padding (pixels at that size).
         rcnn_batch: windows per backbone batch in R-CNN mode.
         memory_cache: conv maps (image x scale x flip) kept in an in-memory LRU.
+        context: beyond the paper, 0 (off) or a factor > 1: each window's feature also
+            gets the SPP of the window enlarged by this factor about its centre (same
+            scale as the window), pooled with ``context_pyramid`` and appended.  It
+            tells the classifier and the box regressor whether the object goes on past
+            the window's edges (SPP mode only).
+        context_pyramid: pyramid levels of the enlarged window.
     """
 
     def __init__(self, backbone: Backbone, *, scales: Sequence[int] = (688,), max_side: int = 2000,
                  pyramid: Sequence[int] = DEFAULT_LEVELS, device: str | torch.device = "cpu",
                  cache_dir: str | Path | None = None, cache_dtype: str = "float16", mode: str = "spp",
                  rcnn_size: int = 224, rcnn_context: int = 16, rcnn_batch: int = 32,
-                 memory_cache: int = 16) -> None:
+                 memory_cache: int = 16, context: float = 0.0,
+                 context_pyramid: Sequence[int] = (2, 1)) -> None:
         if mode not in ("spp", "rcnn"):
             raise ValueError(f"mode must be spp or rcnn, got {mode!r}")
+        if context and (context <= 1 or mode != "spp"):
+            raise ValueError(f"context must be 0 or a factor > 1 (SPP mode only), got {context!r} in {mode} mode")
         if cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be float16 or float32, got {cache_dtype!r}")
         if not scales or any(int(s) <= 0 for s in scales):
@@ -138,6 +156,8 @@ class FeatureExtractor:
         self.scales = tuple(int(s) for s in scales)
         self.max_side = int(max_side)
         self.pyramid = tuple(int(n) for n in pyramid)
+        self.context = float(context or 0.0)
+        self.context_pyramid = tuple(int(n) for n in context_pyramid)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_dtype = cache_dtype
         self.mode = mode
@@ -153,8 +173,12 @@ class FeatureExtractor:
     # ------------------------------------------------------------------ info
     @property
     def feature_dim(self) -> int:
-        """Length ``D`` of a window feature: ``out_channels * sum(n * n)``."""
-        return feature_dim(self.backbone.out_channels, self.pyramid)
+        """Length ``D`` of a window feature: ``out_channels * sum(n * n)`` (plus the
+        context region's ``out_channels * sum(m * m)`` when ``context``)."""
+        d = feature_dim(self.backbone.out_channels, self.pyramid)
+        if self.context:
+            d += feature_dim(self.backbone.out_channels, self.context_pyramid)
+        return d
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor(backbone={self.backbone.name}, mode={self.mode}, scales={self.scales}, "
@@ -372,10 +396,15 @@ class FeatureExtractor:
             idx = torch.nonzero(which == s).flatten()
             if len(idx) == 0:
                 continue
-            cells = project_windows(boxes[idx.numpy()] * f, bb.stride, fmap.shape[1], fmap.shape[2],
-                                    bb.center_offset)
+            b = boxes[idx.numpy()] * f
+            cells = project_windows(b, bb.stride, fmap.shape[1], fmap.shape[2], bb.center_offset)
             m = fmap.float() if (fmap.is_cuda and fmap.dtype == torch.float16) else fmap
-            parts.append(spp_pool(m, cells, self.pyramid).to(torch.float32))
+            feat = spp_pool(m, cells, self.pyramid).to(torch.float32)
+            if self.context:
+                big = enlarge_boxes(b, self.context)
+                ctx = project_windows(big, bb.stride, fmap.shape[1], fmap.shape[2], bb.center_offset)
+                feat = torch.cat([feat, spp_pool(m, ctx, self.context_pyramid).to(torch.float32)], dim=1)
+            parts.append(feat)
             order.append(idx)
         out = torch.cat(parts)
         perm = torch.cat(order)
@@ -509,4 +538,4 @@ class FeatureExtractor:
                 "ratio": (per_window / total) if total else float("nan")}
 
 
-__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "CACHE_FORMAT"]
+__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "enlarge_boxes", "CACHE_FORMAT"]

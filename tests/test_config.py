@@ -34,6 +34,9 @@ def test_merge_nested_and_int_to_float(tmp_path):
     ("features:\n  scales: 688\n", "config.features.scales: expected a list"),
     ("finetune:\n  enabled: 1\n", "expected true or false"),
     ("features:\n  backbone: resnet\n", "features.backbone"),
+    ("features:\n  pooled_memory_gb: -1\n", "features.pooled_memory_gb"),
+    ("features:\n  context: 0.9\n", "features.context"),
+    ("features:\n  context: 1.5\n  mode: rcnn\n", "features.context"),
     ("- a\n- b\n", "must be a mapping"),
     ("svm: [\n", "invalid YAML at line"),
 ])
@@ -42,7 +45,7 @@ def test_bad_configs_fail_loudly_naming_file_and_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert needle in str(e.value)
-    if "features.backbone" not in needle:
+    if needle not in ("features.backbone", "features.pooled_memory_gb", "features.context"):
         assert str(p) in str(e.value)
 
 

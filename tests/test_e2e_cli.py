@@ -53,6 +53,29 @@ def test_train_writes_run_folder_and_resumes(trained, capsys):
     assert main(trained["args"]) == 0
 
 
+@pytest.mark.parametrize("gb", ["0", "0.005"])
+def test_pooled_features_in_ram_change_nothing(trained, tmp_path, gb):
+    """Fine-tuning, SVMs and box regression give bit-identical results whether the pooled
+    features are kept in RAM (the default), partly (a budget of ~2 images), or not at all."""
+    import torch
+
+    run = tmp_path / "run"
+    args = [a if a != str(trained["run"]) else str(run) for a in trained["args"]]
+    assert main(args + ["--set", f"features.pooled_memory_gb={gb}"]) == 0
+    log = (run / "train.log").read_text()
+    assert ("pooled into RAM" in log) == (gb != "0")
+    assert ("over features.pooled_memory_gb" in log) == (gb != "0")
+    for stage, field in (("finetune", "head"), ("svm", "svm"), ("bbox_reg", "bbox_reg")):
+        mine = torch.load(run / "stages" / f"{stage}.pt", weights_only=True)[field]
+        ref = torch.load(trained["run"] / "stages" / f"{stage}.pt", weights_only=True)[field]
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            if isinstance(ref[k], torch.Tensor):
+                assert torch.equal(mine[k], ref[k]), (stage, k)
+            else:
+                assert mine[k] == ref[k], (stage, k)
+
+
 def test_eval_matches_evaluate_on_its_results(trained, capsys, tmp_path):
     res = tmp_path / "res"
     capsys.readouterr()
@@ -103,6 +126,30 @@ def test_python_api(trained):
     assert set(out) == {"boxes", "scores", "labels"}
     assert out["boxes"].shape[1] == 4 and len(out["boxes"]) <= 100
     assert len(out["scores"]) == len(out["labels"]) == len(out["boxes"])
+
+
+def test_context_features_train_and_detect(trained, tmp_path):
+    """features.context: the checkpoint's fc6 takes the longer feature, the detector rebuilds the
+    same extractor from the checkpoint, and its features are the training ones."""
+    import numpy as np
+    import torch
+
+    from sppdet.detect import Detector
+
+    run = tmp_path / "run"
+    args = [a if a != str(trained["run"]) else str(run) for a in trained["args"]]
+    assert main(args + ["--set", "features.context=1.8", "--set", "features.context_pyramid=[2]"]) == 0
+    det = Detector.from_checkpoint(run / "model.pt", device="cpu", cache_dir=trained["cache"])
+    plain = Detector.from_checkpoint(trained["run"] / "model.pt", device="cpu", cache_dir=trained["cache"])
+    assert det.extractor.context == 1.8 and det.extractor.feature_dim == plain.extractor.feature_dim + 320 * 4
+    state = torch.load(run / "stages" / "finetune.pt", weights_only=True)["head"]
+    assert next(v for k, v in state.items() if k.endswith("weight")).shape[1] == det.extractor.feature_dim
+    img = sorted((trained["data"] / "JPEGImages").glob("*.jpg"))[0]
+    boxes = np.array([[5, 5, 60, 50], [20, 10, 90, 80]], np.float32)
+    f = det.extractor.features(("x", img), boxes)
+    assert torch.equal(f[:, :plain.extractor.feature_dim], plain.extractor.features(("x", img), boxes))
+    out = det(img)
+    assert len(out["boxes"]) == len(out["scores"]) > 0
 
 
 def test_test_time_flip_averages_the_two_views(trained):

@@ -141,6 +141,46 @@ def test_pooled_uses_the_right_scale_for_each_window(zf5):
         assert torch.equal(got[i], spp_pool(m, cells, (4, 2, 1))[0].float())
 
 
+def test_context_region_is_appended(zf5):
+    """features.context: the window enlarged about its centre, pooled at the window's own scale
+    with the context pyramid, appended after the window's own SPP feature (slow reference)."""
+    img = smooth_image(6, 60, 80)
+    boxes = boxes_for(80, 60, n=25, seed=6)
+    ex = extractor(zf5, None, scales=(180, 240), max_side=1000, context=1.5, context_pyramid=(2, 1))
+    plain = extractor(zf5, None, scales=(180, 240), max_side=1000)
+    D = plain.feature_dim
+    assert ex.feature_dim == D + 256 * 5
+    maps = ex.conv_maps(None, img)
+    got = ex.pooled(maps, boxes, 80)
+    assert got.shape == (len(boxes), ex.feature_dim)
+    assert torch.equal(got[:, :D], plain.pooled(maps, boxes, 80))
+    factors = [f for f, _ in maps]
+    outside = 0
+    for i, b in enumerate(boxes):
+        area = (b[2] - b[0]) * (b[3] - b[1])
+        f, m = maps[int(np.argmin([abs(area * f * f - 224 ** 2) for f in factors]))]
+        cx, cy, hw, hh = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, 0.75 * (b[2] - b[0]), 0.75 * (b[3] - b[1])
+        big = np.array([[cx - hw, cy - hh, cx + hw, cy + hh]])
+        outside += bool(big[0, 0] < 0 or big[0, 1] < 0 or big[0, 2] > 80 or big[0, 3] > 60)
+        x1, y1, x2, y2 = project_windows(big * f, 16, m.shape[1], m.shape[2], zf5.center_offset)[0].tolist()
+        ref = []
+        for n in (2, 1):
+            h, w = y2 - y1 + 1, x2 - x1 + 1
+            level = torch.empty(m.shape[0], n, n, dtype=m.dtype)
+            for r in range(n):
+                for c in range(n):
+                    ys, ye = y1 + (r * h) // n, y1 + -((-(r + 1) * h) // n)
+                    xs, xe = x1 + (c * w) // n, x1 + -((-(c + 1) * w) // n)
+                    level[:, r, c] = m[:, ys:ye, xs:xe].amax(dim=(1, 2))
+            ref.append(level.reshape(-1))
+        assert torch.equal(got[i, D:], torch.cat(ref).float()), i
+    assert outside > 0          # enlarged windows past the image border are covered too
+    with pytest.raises(ValueError, match="context"):
+        extractor(zf5, None, context=0.8)
+    with pytest.raises(ValueError, match="context"):
+        extractor(zf5, None, context=1.5, mode="rcnn")
+
+
 def test_max_side_caps_huge_images(zf5):
     img = np.zeros((40, 400, 3), np.uint8)
     ex = extractor(zf5, None, scales=(100,), max_side=200)

@@ -55,8 +55,10 @@ def params_from_config(cls, section, **extra):
 def features_key(cfg: Config, backbone) -> str:
     """Identifies the features a config and backbone weights produce (for stage keys)."""
     f = cfg.features
-    return stable_hash([backbone.name, backbone.weights_id, f.mode, f.scales, f.max_side, f.pyramid,
-                        f.rcnn_size, f.rcnn_context])
+    parts = [backbone.name, backbone.weights_id, f.mode, f.scales, f.max_side, f.pyramid, f.rcnn_size, f.rcnn_context]
+    if f.context:       # appended only when on, so runs made before the option keep their keys
+        parts += ["context", f.context, f.context_pyramid]
+    return stable_hash(parts)
 
 
 def finetune_iterations(cfg: Config, num_images: int) -> int:
@@ -79,6 +81,13 @@ class WindowFeatures:
     SPP mode pools from the cached conv5 maps (computed once per image, scale
     and flip); R-CNN mode looks up per-window features computed once per
     image (crop, warp, forward each window) and cached on disk as float16.
+
+    In SPP mode the pooled features of ALL windows of an image are computed in
+    one call the first time the image is asked for and kept in RAM, as long as
+    the total stays within ``features.pooled_memory_gb``: fine-tuning visits every
+    image dozens of times, and pooling all windows at once costs about as much
+    as pooling the 64 a mini-batch needs.  Max pooling is exact, so the values
+    are the same either way (images beyond the budget are pooled per call).
     """
 
     def __init__(self, cfg: Config, extractor, dataset: Dataset, windows: list[ImageWindows], cache_dir: Path,
@@ -91,6 +100,9 @@ class WindowFeatures:
         self.cache_dir = Path(cache_dir)
         self.show_progress = show_progress
         self._memo: dict[tuple[int, bool], np.ndarray] = {}
+        self.pooled_budget = int(max(0.0, float(cfg.features.pooled_memory_gb)) * 2 ** 30)
+        self.pooled_bytes = 0
+        self._pooled: dict[tuple[int, bool], torch.Tensor] = {}
 
     def _rcnn_file(self, i: int, flip: bool) -> Path:
         w = self.windows[i]
@@ -124,10 +136,51 @@ class WindowFeatures:
                                  disable=None if self.show_progress else True):
                 self._rcnn_all(i, f)
 
+    def _all_pooled(self, i: int, flip: bool) -> torch.Tensor | None:
+        """Pooled features of every window of image ``i`` (CPU, the maps' dtype), kept in RAM;
+        ``None`` when they do not fit in what is left of the budget."""
+        t = self._pooled.get((i, flip))
+        if t is not None:
+            return t
+        w = self.windows[i]
+        itemsize = 2 if self.cfg.features.cache_dtype == "float16" else 4
+        nbytes = len(w) * self.extractor.feature_dim * itemsize
+        if self.pooled_bytes + nbytes > self.pooled_budget:
+            return None
+        rec = w.record
+        maps = self.extractor.conv_maps(rec.image_id, rec.path, flip=flip)
+        t = self.extractor.pooled(maps, w.boxes, rec.width, flip=flip).to("cpu", maps[0][1].dtype)
+        self._pooled[(i, flip)] = t
+        self.pooled_bytes += t.numel() * t.element_size()
+        return t
+
+    def warm(self, flips: tuple[bool, ...]) -> None:
+        """Pool every window of every training image into RAM now (within the budget)."""
+        if self.mode != "spp" or self.pooled_budget <= 0:
+            return
+        t0 = time.perf_counter()
+        items = [(i, f) for f in flips for i in range(len(self.windows)) if (i, f) not in self._pooled]
+        kept, n_win = 0, 0
+        for i, f in progress(items, desc="pooling windows", unit="img",
+                             disable=None if self.show_progress else True):
+            if self._all_pooled(i, f) is None:
+                break
+            kept += 1
+            n_win += len(self.windows[i])
+        if kept:
+            log.info("SPP features of %d windows (%d images%s) pooled into RAM: %.2f GiB, %.1f s%s", n_win, kept,
+                     ", mirrored copies included" if len(flips) > 1 else "", self.pooled_bytes / 2 ** 30,
+                     time.perf_counter() - t0, "" if kept == len(items) else
+                     f"; the other {len(items) - kept} are over features.pooled_memory_gb and pooled per batch")
+
     def __call__(self, i: int, idx: np.ndarray, flip: bool = False) -> torch.Tensor:
         """Features (Tensor[len(idx), D] float32) of windows ``idx`` of training image ``i``."""
         w = self.windows[i]
         if self.mode == "spp":
+            if self.pooled_budget > 0:
+                t = self._all_pooled(i, flip)
+                if t is not None:
+                    return t[torch.as_tensor(np.asarray(idx, dtype=np.int64))].float()
             rec = w.record
             maps = self.extractor.conv_maps(rec.image_id, rec.path, flip=flip)
             return self.extractor.pooled(maps, w.boxes[idx], rec.width, flip=flip).float()
@@ -333,10 +386,16 @@ class Pipeline:
                              "lr": ft.lr * ft.conv_lr_mult}]
         log.info("fine-tuning %s on %d images: %d iterations of %d windows", "conv+fc" if ft.end_to_end else "fc",
                  len(windows), iters, ft.batch_size)
-        stats = self._timed("finetune", lambda: finetune(
-            head, feature_fn, windows, params, device=self.device,
-            snapshot=self.stage_dir / "finetune.snapshot.pt", key=key,
-            extra_modules=extra_modules, extra_param_groups=extra_groups, show_progress=self.show_progress))
+
+        def run() -> dict:
+            if not ft.end_to_end:
+                feats.warm((False, True) if cfg.features.flip else (False,))
+            return finetune(head, feature_fn, windows, params, device=self.device,
+                            snapshot=self.stage_dir / "finetune.snapshot.pt", key=key,
+                            extra_modules=extra_modules, extra_param_groups=extra_groups,
+                            show_progress=self.show_progress)
+
+        stats = self._timed("finetune", run)
         payload = {"head": head.state_dict(), "stats": stats}
         if ft.end_to_end:
             backbone.eval()
