@@ -67,7 +67,8 @@ class FeatureConfig:
     rcnn_size: int = 224             # R-CNN mode: warp size
     rcnn_batch: int = 32             # R-CNN mode: windows per backbone batch
     memory_cache: int = 64           # conv maps (image x scale x flip) kept in RAM
-    pooled_memory_gb: float = 4.0    # training: SPP features of every training window kept in RAM (0: off)
+    pooled_memory_gb: float = 4.0    # training: SPP features of the training windows kept in RAM (0: off;
+                                     # at most half the memory available)
     context: float = 0.0             # beyond the paper: also pool the window enlarged by this factor (0: off)
     context_pyramid: list[int] = field(default_factory=lambda: [2, 1])   # levels of that enlarged window
 

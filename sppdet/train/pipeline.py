@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,22 @@ def finetune_iterations(cfg: Config, num_images: int) -> int:
     return int(min(max(n, ft.min_iterations), ft.max_iterations))
 
 
+def available_memory() -> int | None:
+    """Bytes of physical memory available now (Linux's MemAvailable, which counts reclaimable
+    page cache; else free pages; ``None`` where the OS does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 class WindowFeatures:
     """Pooled features of training windows, by image index, window indices and flip.
 
@@ -101,6 +118,11 @@ class WindowFeatures:
         self.show_progress = show_progress
         self._memo: dict[tuple[int, bool], np.ndarray] = {}
         self.pooled_budget = int(max(0.0, float(cfg.features.pooled_memory_gb)) * 2 ** 30)
+        avail = available_memory()
+        if avail is not None and self.pooled_budget > avail // 2:
+            log.info("features.pooled_memory_gb: using %.2f GiB, half of the memory available now",
+                     avail / 2 ** 31)
+            self.pooled_budget = avail // 2
         self.pooled_bytes = 0
         self._pooled: dict[tuple[int, bool], torch.Tensor] = {}
 
