@@ -117,8 +117,8 @@ class WindowFeatures:
         self.cache_dir = Path(cache_dir)
         self.show_progress = show_progress
         self._memo: dict[tuple[int, bool], np.ndarray] = {}
-        self.pooled_budget = int(max(0.0, float(cfg.features.pooled_memory_gb)) * 2 ** 30)
-        avail = available_memory()
+        self.pooled_budget = int(max(0.0, float(cfg.features.pooled_memory_gb)) * 2 ** 30) if self.mode == "spp" else 0
+        avail = available_memory() if self.pooled_budget else None
         if avail is not None and self.pooled_budget > avail // 2:
             log.info("features.pooled_memory_gb: using %.2f GiB, half of the memory available now",
                      avail / 2 ** 31)
