@@ -14,8 +14,12 @@ def register(sub) -> None:
                     "(VOC07 mAP), detects on a few test images and writes an HTML report. Everything goes "
                     "under --out; re-running reuses what is done.")
     p.add_argument("--out", default="sppdet-demo", metavar="DIR", help="output folder (default: ./sppdet-demo)")
+    from ..demo import DEMO_IMAGES, DEMO_TEST_FRACTION
+
+    test_pct = round(100 * DEMO_TEST_FRACTION, 1)
     p.add_argument("--images", type=int, default=None, metavar="N",
-                   help="synthetic images, 62.5%% trainval / 37.5%% test (default 400)")
+                   help=f"synthetic images, {100 - test_pct:g}%% trainval / {test_pct:g}%% test "
+                        f"(default {DEMO_IMAGES})")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="dataset seed (default 0)")
     p.add_argument("--config", default="demo_lite0", metavar="C", help="config (default: demo_lite0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

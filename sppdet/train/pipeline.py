@@ -177,8 +177,8 @@ class WindowFeatures:
         return t
 
     def warm(self, flips: tuple[bool, ...]) -> None:
-        """Pool every window of every training image into RAM now (within the budget)."""
-        if self.mode != "spp" or self.pooled_budget <= 0:
+        """Pool every window of every training image into RAM now (within the budget; none in R-CNN mode)."""
+        if self.pooled_budget <= 0:
             return
         t0 = time.perf_counter()
         items = [(i, f) for f in flips for i in range(len(self.windows)) if (i, f) not in self._pooled]
