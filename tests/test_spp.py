@@ -264,7 +264,7 @@ def test_empty_and_invalid_inputs():
 
 
 def test_pooling_benchmark_checks_identity():
-    from sppdet.commands.bench_features import bench_pooling
+    from sppdet.bench.features import bench_pooling
 
     res = bench_pooling(8, 9, 11, 50, (4, 2, 1), repeat=1, seed=0)
     assert res["identical_f32"] and res["identical_f16"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 #: Benchmark modules; each has ``register(subparsers)`` like a command.
-BENCHES = ("bench_proposals", "bench_features")
+BENCHES = ("proposals", "features")
 
 
 def register(sub) -> None:
@@ -16,9 +16,9 @@ def register(sub) -> None:
     bsub.required = True
     for name in BENCHES:
         try:
-            mod = importlib.import_module(f"sppdet.commands.{name}")
+            mod = importlib.import_module(f"sppdet.bench.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"sppdet.commands.{name}":
+            if e.name == f"sppdet.bench.{name}":
                 continue
             raise
         mod.register(bsub)

@@ -50,12 +50,12 @@ import numpy as np
 import torch
 import torchvision
 
-from .boxes import flip_boxes
-from .models.backbones import Backbone
-from .models.spp import (DEFAULT_LEVELS, choose_scales, feature_dim, project_windows, resize_factor, spp_pool,
+from ..boxes import flip_boxes
+from ..models.backbones import Backbone
+from ..models.spp import (DEFAULT_LEVELS, choose_scales, feature_dim, project_windows, resize_factor, spp_pool,
                          spp_pool_whole)
-from .utils.io import atomic_path, file_sha1, stable_hash
-from .utils.progress import progress
+from ..utils.io import atomic_path, file_sha1, stable_hash
+from ..utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class FeatureExtractor:
         if 2 * rcnn_context >= rcnn_size:
             raise ValueError(f"rcnn_context {rcnn_context} leaves nothing of a {rcnn_size}-px warp")
         if isinstance(device, str) and device == "auto":
-            from .utils.device import resolve_device
+            from ..utils.device import resolve_device
 
             device = resolve_device("auto")
         self.device = torch.device(device)
@@ -266,7 +266,7 @@ class FeatureExtractor:
             if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
                 raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {arr.dtype} {arr.shape}")
             return arr
-        from .data.images import load_image
+        from ..data.images import load_image
 
         return load_image(src)
 
@@ -487,7 +487,7 @@ class FeatureExtractor:
         Returns:
             ``{"images", "computed", "cached"}`` counts.
         """
-        from .utils.progress import progress as bar
+        from ..utils.progress import progress as bar
 
         records = list(dataset)
         stats = {"images": len(records), "computed": 0, "cached": 0}
