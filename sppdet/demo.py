@@ -59,7 +59,7 @@ def run_demo(out: Path, *, images: int | None = None, seed: int = 0, config: str
     log.info("demo 3/4: evaluating on the test split")
     t = time.perf_counter()
     ev = evaluate_checkpoint(ckpt, data, cfg.data.test_split, metric="voc07", results_dir=out / "results",
-                             report_dir=out / "report", device=device or cfg.device)
+                             report_dir=out / "report", device=device or cfg.device, cache_dir=cfg.cache_dir)
     t_eval = time.perf_counter() - t
 
     log.info("demo 4/4: detect on %d test images", DEMO_DETECT_IMAGES)

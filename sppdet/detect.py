@@ -19,21 +19,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 
 from .boxes import batched_nms, box_iou, clip_boxes, flip_boxes, valid_boxes
-from .checkpoint import load_checkpoint
-from .config import Config, config_from_dict, merge, validate
 from .data.images import load_image
 from .data.records import Dataset, ImageRecord
-from .errors import CheckpointError, ImageDecodeError
+from .errors import ImageDecodeError
 from .features import FeatureExtractor
-from .models.backbones import build_backbone
-from .models.heads import FCHead, fc7_features
-from .train.bbox_reg import BBoxRegressors
-from .train.svm import LinearSVMs
-from .utils.device import resolve_device
-from .utils.io import default_cache_dir
+from .models.detector import SPPDetector
+from .proposals.presets import Preset
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -146,25 +139,34 @@ def vote_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, keep: 
 
 
 class Detector:
-    """A trained SPPnet detector.
+    """A trained SPPnet detector at test time: proposals -> features -> model -> post-processing.
 
     Build one with :meth:`from_checkpoint`.  Call it on an image (path or RGB
     uint8 array) for its detections, or use :meth:`detect_dataset` for a whole
     split (proposals and conv5 maps are cached and reused).
+
+    Args:
+        model: the trained parts (:class:`~sppdet.models.detector.SPPDetector`).
+        extractor: pools window features the way the model was trained (its caches under ``cache_dir``).
+        preset, max_boxes, workers: selective search for images without given proposals.
+        cache_dir: the cache folder (proposal stores; the extractor's conv5 maps are below it).
+        skip_bad_images: skip undecodable images of a split with a warning instead of failing.
+        config: the resolved config the checkpoint holds (kept for reports; not read here).
     """
 
-    def __init__(self, cfg: Config, classes: list[str], extractor: FeatureExtractor,
-                 head: FCHead | None, svms: LinearSVMs, bbox_reg: BBoxRegressors | None,
-                 device: torch.device, cache_dir: Path) -> None:
-        self.cfg = cfg
-        self.classes = list(classes)
+    def __init__(self, model: SPPDetector, extractor: FeatureExtractor, *, preset: Preset, max_boxes: int,
+                 workers: int = 0, cache_dir: Path, skip_bad_images: bool = False, config: Any = None) -> None:
+        self.model = model
+        self.classes = list(model.classes)
         self.extractor = extractor
-        self.head = head.eval() if head is not None else None
-        self.svms = svms
-        self.bbox_reg = bbox_reg
-        self.device = device
+        self.preset = preset
+        self.max_boxes = int(max_boxes)
+        self.workers = int(workers)
         self.cache_dir = Path(cache_dir)
-        self.use_bbox_reg = bbox_reg is not None
+        self.skip_bad_images = bool(skip_bad_images)
+        self.config = config
+        self.device = model.device
+        self.use_bbox_reg = model.bbox_reg is not None
         self.timer = Timer()
 
     # ------------------------------------------------------------------ build
@@ -172,52 +174,19 @@ class Detector:
     def from_checkpoint(cls, path: str | Path, device: str = "auto",
                         cache_dir: str | Path | None = None,
                         test_overrides: dict[str, Any] | None = None) -> "Detector":
-        """Load ``model.pt``; ``test_overrides`` changes test-time settings (``{"nms": 0.2}``)."""
-        ckpt = load_checkpoint(path)
-        try:
-            cfg = config_from_dict(ckpt["config"])
-        except Exception as e:
-            raise CheckpointError(f"{path}: checkpoint config is invalid ({e})") from None
-        if test_overrides:
-            cfg = merge(cfg, {"test": test_overrides}, "--set")
-            validate(cfg)
-        dev = resolve_device(device if device != "auto" else cfg.device)
-        cache = Path(cache_dir) if cache_dir else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        bb = ckpt["backbone"]
-        if "backbone_state" in ckpt:
-            backbone = build_backbone(bb["name"], "random")
-            backbone.load_state_dict(ckpt["backbone_state"])
-            backbone.weights_id = bb["weights_id"]
-        else:
-            backbone = build_backbone(bb["name"], bb.get("weights"))
-            if getattr(backbone, "weights_id", None) != bb["weights_id"]:
-                raise CheckpointError(
-                    f"{path}: the backbone weights {bb.get('weights') or '(default)'} differ from the ones "
-                    "this detector was trained with")
-        extractor = make_extractor(cfg, backbone, dev, cache)
-        head = None
-        if "head" in ckpt:
-            head = FCHead(extractor.feature_dim, ckpt["head_dims"], len(ckpt["classes"]), cfg.finetune.dropout)
-            head.load_state_dict(ckpt["head"])
-            head.to(dev).eval()
-        svms = LinearSVMs.from_state_dict(ckpt["svm"])
-        reg = BBoxRegressors.from_state_dict(ckpt["bbox_reg"]) if ckpt.get("bbox_reg") else None
-        return cls(cfg, ckpt["classes"], extractor, head, svms, reg, dev, cache)
+        """Load ``model.pt``; ``test_overrides`` changes test-time settings (``{"nms": 0.2}``).
+
+        Proposals and conv5 maps are cached in ``cache_dir`` (``~`` expanded), else in
+        ``$SPPDET_CACHE``, else ``~/.cache/sppdet`` -- never in the cache folder the
+        checkpoint's config records (the trainer's).
+        """
+        from .build import detector_setup
+
+        s = detector_setup(path, device=device, cache=cache_dir, test_overrides=test_overrides)
+        return cls(s.model, s.extractor, preset=s.preset, max_boxes=s.max_boxes, workers=s.workers,
+                   cache_dir=s.cache_dir, skip_bad_images=s.skip_bad_images, config=s.config)
 
     # ------------------------------------------------------------- internals
-    @torch.no_grad()
-    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """SVM scores (ndarray[N, K]) and the pooled features as float32 numpy (for regression)."""
-        pooled = feats.float()
-        x = pooled
-        if self.cfg.svm.features == "fc7":
-            if self.head is None:
-                raise CheckpointError("this checkpoint scores fc7 features but holds no fc layers")
-            x = fc7_features(self.head, pooled, self.device)
-        scores = self.svms.decision_function(x.cpu())
-        scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
-        return scores, pooled.cpu().numpy()
-
     def window_scores(self, item: Any, windows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         """SVM scores (ndarray[N, K]) and per-class boxes (ndarray[N, K, 4], or the windows [N, 4]
         without regression) of the windows of one image.
@@ -225,20 +194,21 @@ class Detector:
         With ``test.flip`` the mirrored image is scored too: the scores are averaged, and the
         box predicted from the mirrored features (mapped back) is averaged with the direct one.
         """
-        views = (False, True) if self.cfg.test.flip else (False,)
+        model = self.model
+        views = (False, True) if model.test.flip else (False,)
         scores_sum, boxes_sum = None, None
         for flip in views:
             t = time.perf_counter()
             feats = self.extractor.features(item, windows, flip=flip)
             self.timer.add("features", time.perf_counter() - t)
             t = time.perf_counter()
-            scores, pooled = self.score_features(feats)
-            if self.use_bbox_reg and self.bbox_reg is not None:
+            scores, pooled = model.score(feats)
+            if self.use_bbox_reg and model.bbox_reg is not None:
                 if flip:
-                    boxes = self.bbox_reg.predict_all(pooled, flip_boxes(windows, width))
+                    boxes = model.regress(pooled, flip_boxes(windows, width))
                     boxes = flip_boxes(boxes.reshape(-1, 4), width).reshape(boxes.shape)
                 else:
-                    boxes = self.bbox_reg.predict_all(pooled, windows)       # [N, K, 4]
+                    boxes = model.regress(pooled, windows)       # [N, K, 4]
             else:
                 boxes = np.asarray(windows, dtype=np.float32)
             scores_sum = scores if scores_sum is None else scores_sum + scores
@@ -250,7 +220,7 @@ class Detector:
         """Detections of one image (a record or ``(image_id, path_or_array)``) from its windows."""
         scores, boxes = self.window_scores(item, windows, width)
         t = time.perf_counter()
-        test = self.cfg.test
+        test = self.model.test
         det = postprocess(scores, boxes, width, height, nms=test.nms, max_per_image=test.max_per_image,
                           score_threshold=test.score_threshold, box_voting=test.box_voting)
         self.timer.add("nms", time.perf_counter() - t)
@@ -259,7 +229,7 @@ class Detector:
     # ----------------------------------------------------------------- public
     def __call__(self, image: str | Path | np.ndarray, proposals: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Detect objects in one image (a path or an RGB uint8 array [H, W, 3])."""
-        from .proposals import get_preset, selective_search
+        from .proposals import selective_search
 
         t = time.perf_counter()
         array = load_image(image) if not isinstance(image, np.ndarray) else image
@@ -267,8 +237,7 @@ class Detector:
         self.timer.add("load", time.perf_counter() - t)
         if proposals is None:
             t = time.perf_counter()
-            preset = get_preset(self.cfg.proposals.mode, **self.cfg.proposals.overrides)
-            proposals = selective_search(array, preset, self.cfg.proposals.max_boxes)
+            proposals = selective_search(array, self.preset, self.max_boxes)
             self.timer.add("proposals", time.perf_counter() - t)
         key = None if isinstance(image, np.ndarray) else str(image)
         self.timer.images += 1
@@ -277,13 +246,12 @@ class Detector:
     def detect_dataset(self, dataset: Dataset, *, workers: int | None = None,
                        skip_bad_images: bool | None = None, show_progress: bool = True) -> dict[str, Detections]:
         """Detections for every image of a split (proposals via the proposal store, conv maps cached)."""
-        from .proposals import compute_proposals, get_preset
+        from .proposals import compute_proposals
 
-        skip = self.cfg.data.skip_bad_images if skip_bad_images is None else skip_bad_images
+        skip = self.skip_bad_images if skip_bad_images is None else skip_bad_images
         t = time.perf_counter()
-        preset = get_preset(self.cfg.proposals.mode, **self.cfg.proposals.overrides)
-        store = compute_proposals(dataset, preset, self.cfg.proposals.max_boxes,
-                                  workers=self.cfg.proposals.workers if workers is None else workers,
+        store = compute_proposals(dataset, self.preset, self.max_boxes,
+                                  workers=self.workers if workers is None else workers,
                                   cache_dir=self.cache_dir, skip_bad_images=skip, progress=show_progress)
         self.timer.add("proposals", time.perf_counter() - t)
         out: dict[str, Detections] = {}
@@ -301,17 +269,6 @@ class Detector:
                 continue
             self.timer.images += 1
         return out
-
-
-def make_extractor(cfg: Config, backbone, device: torch.device, cache_dir: Path) -> FeatureExtractor:
-    """The feature extractor a config describes (one place reads these settings)."""
-    f = cfg.features
-    return FeatureExtractor(
-        backbone, scales=tuple(f.scales), max_side=f.max_side, pyramid=tuple(f.pyramid), device=device,
-        cache_dir=Path(cache_dir) / "features", cache_dtype=f.cache_dtype, mode=f.mode,
-        rcnn_size=f.rcnn_size, rcnn_context=f.rcnn_context, rcnn_batch=f.rcnn_batch,
-        memory_cache=f.memory_cache, context=f.context, context_pyramid=tuple(f.context_pyramid),
-    )
 
 
 def detections_to_json(det: Detections | dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:
@@ -369,7 +326,7 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
     """
     import json
 
-    from .proposals import compute_proposals, get_preset
+    from .proposals import compute_proposals
     from .utils.io import atomic_write_text
     from .visualize import draw_detections, save_image
 
@@ -378,8 +335,7 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
     ds, failed = records_for_images(paths)
     store = None
     if ds.records:
-        preset = get_preset(det.cfg.proposals.mode, **det.cfg.proposals.overrides)
-        store = compute_proposals(ds, preset, det.cfg.proposals.max_boxes, workers=det.cfg.proposals.workers,
+        store = compute_proposals(ds, det.preset, det.max_boxes, workers=det.workers,
                                   cache_dir=det.cache_dir, skip_bad_images=True, progress=show_progress)
     by_path = {r.path: r for r in ds.records}
     used: dict[str, int] = {}

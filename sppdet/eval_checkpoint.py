@@ -7,13 +7,13 @@ path as ``sppdet evaluate``), so both commands print the same mAP.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from .data import load_dataset
+from .build import eval_dataset
 from .data.images import load_image
 from .data.records import Dataset
 from .detect import Detections, Detector
@@ -27,7 +27,7 @@ class CheckpointEvaluation:
     result: EvalResult
     dataset: Dataset
     detections: dict[str, Detections]
-    results_dir: Path
+    results_dir: Path | None
     report: Path | None = None
     timings: dict[str, Any] = field(default_factory=dict)
 
@@ -44,22 +44,41 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     Args:
         checkpoint: ``model.pt`` from ``sppdet train``.
         metric: ``voc07`` | ``voc12`` | ``coco``.
-        results_dir: where the ``comp4_det_<split>_<class>.txt`` files go
-            (default: ``<checkpoint folder>/results/<split>``).
+        results_dir: where the ``comp4_det_<split>_<class>.txt`` files go; default: ``<report_dir>/results``
+            with a report, else a temporary folder removed after scoring (``results_dir`` of the
+            returned evaluation is then ``None``).  Nothing is written next to the checkpoint.
         report_dir: also write an HTML report there.
+        cache_dir: proposals and conv5 maps (default ``$SPPDET_CACHE``, else ``~/.cache/sppdet``;
+            never the cache folder the checkpoint records).
         use_bbox_reg: apply the box regressors (False: score the raw proposals).
         test_overrides: changes to the checkpoint's ``test`` settings (``{"nms": 0.2}``).
     """
     det = Detector.from_checkpoint(checkpoint, device=device, cache_dir=cache_dir, test_overrides=test_overrides)
-    det.use_bbox_reg = use_bbox_reg and det.bbox_reg is not None
-    fmt = data_format or det.cfg.data.format
-    ann = annotations or det.cfg.data.coco_annotations.get(split)
-    ds = load_dataset(data_root, split, format=fmt, classes=det.classes, coco_annotations=ann,
-                      skip_bad_images=det.cfg.data.skip_bad_images)
+    det.use_bbox_reg = use_bbox_reg and det.model.bbox_reg is not None
+    ds = eval_dataset(det.config, data_root, split, det.classes, data_format=data_format, annotations=annotations)
     t = time.perf_counter()
     dets = det.detect_dataset(ds, workers=workers, show_progress=show_progress)
     t_detect = time.perf_counter() - t
-    out = Path(results_dir) if results_dir else Path(checkpoint).resolve().parent / "results" / split
+    if results_dir is None and report_dir is None:
+        with tempfile.TemporaryDirectory(prefix="sppdet-results-") as tmp:
+            result = _score(det, ds, dets, Path(tmp), split, metric)
+        out = None
+    else:
+        out = Path(results_dir).expanduser() if results_dir is not None else Path(report_dir).expanduser() / "results"
+        result = _score(det, ds, dets, out, split, metric)
+    timings = {"detect_seconds": round(t_detect, 3), "images": len(dets),
+               "per_image": {k: round(v, 4) for k, v in det.timer.per_image().items()}}
+    log.info("%s/%s: mAP %.4f (%s) over %d images, %.2f s per image", ds.root, split, result.mAP, metric,
+             len(dets), t_detect / max(len(dets), 1))
+    ev = CheckpointEvaluation(result, ds, dets, out, None, timings)
+    if report_dir:
+        ev.report = write_eval_report(ev, det, Path(report_dir).expanduser(), checkpoint, report_examples)
+    return ev
+
+
+def _score(det: Detector, ds: Dataset, dets: dict[str, Detections], out: Path, split: str,
+           metric: str) -> EvalResult:
+    """Write the results files into ``out`` and score them as written (as ``sppdet evaluate`` does)."""
     write_voc_results(out, split, det.classes, {i: dets[i] for i in (r.image_id for r in ds) if i in dets})
     if metric == "coco":
         from .evaluation.coco import evaluate_coco, voc_results_to_detections
@@ -68,19 +87,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
         result = evaluate_coco(ds, voc_results_to_detections(raw, det.classes))
     else:
         result = evaluate_voc_results(ds, out, metric)
-    timings = {"detect_seconds": round(t_detect, 3), "images": len(dets),
-               "per_image": {k: round(v, 4) for k, v in det.timer.per_image().items()}}
-    log.info("%s/%s: mAP %.4f (%s) over %d images, %.2f s per image", ds.root, split, result.mAP, metric,
-             len(dets), t_detect / max(len(dets), 1))
-    ev = CheckpointEvaluation(result, ds, dets, out, None, timings)
-    if report_dir:
-        ev.report = write_eval_report(ev, det, Path(report_dir), checkpoint, report_examples)
-    return ev
+    return result
 
 
 def write_eval_report(ev: CheckpointEvaluation, det: Detector, out: Path, checkpoint, n_examples: int) -> Path:
     """HTML report: AP table, PR curves, drawn detections vs ground truth, timings, config."""
-    from .checkpoint import load_checkpoint
     from .report import write_report
     from .visualize import draw_detections, save_image
 
@@ -102,16 +113,15 @@ def write_eval_report(ev: CheckpointEvaluation, det: Detector, out: Path, checkp
                               gt_boxes=r.boxes, gt_labels=r.labels)
         f = save_image(img, out / "examples" / f"{r.image_id}.jpg")
         examples.append((f, f"{r.image_id}: {int(keep.sum())} detections (score >= 0), {r.num_objects} objects"))
-    ck = load_checkpoint(checkpoint)
-    train_t = ck.get("stats", {}).get("timings", {})
+    train_t = det.model.stats.get("timings", {})
     timings = {"training (seconds per stage)": {k: v for k, v in train_t.items() if isinstance(v, dict)},
                "test (seconds per image)": ev.timings.get("per_image", {})}
     facts = {"checkpoint": str(checkpoint), "data": str(ev.dataset.root), "split": ev.dataset.split,
-             "images": len(ev.dataset), "backbone": det.cfg.features.backbone,
-             "mode": det.cfg.features.mode, "box regression": "on" if det.use_bbox_reg else "off",
+             "images": len(ev.dataset), "backbone": det.model.features.backbone,
+             "mode": det.model.features.mode, "box regression": "on" if det.use_bbox_reg else "off",
              "results files": str(ev.results_dir)}
     facts.update({k: f"{v:.4f}" for k, v in ev.result.extra.items()})
-    return write_report(out, title=f"sppdet evaluation: {det.cfg.name} on {ev.dataset.split}",
+    return write_report(out, title=f"sppdet evaluation: {det.config.name} on {ev.dataset.split}",
                         metric=ev.result.metric, mean_ap=ev.result.mAP, ap=ev.result.ap,
                         npos=ev.result.npos or None, pr_images=pr, examples=examples, timings=timings,
-                        config_yaml=det.cfg.to_yaml(), facts=facts)
+                        config_yaml=det.config.to_yaml(), facts=facts)

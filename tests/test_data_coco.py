@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import shared_dataset
 from sppdet.config import DataConfig
-from sppdet.data import dataset_from_config, load_coco, load_dataset, load_voc, write_coco
+from sppdet.build import dataset_from_config
+from sppdet.data import load_coco, load_dataset, load_voc, write_coco
 from sppdet.errors import DatasetError, ImageDecodeError
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import shared_dataset
 from sppdet.config import DataConfig
-from sppdet.data import dataset_from_config, load_dataset, load_voc
+from sppdet.build import dataset_from_config
+from sppdet.data import load_dataset, load_voc
 from sppdet.data.records import VOC_CLASSES
 from sppdet.data.voc import voc_xml_string
 from sppdet.errors import DatasetError, ImageDecodeError

@@ -162,7 +162,7 @@ def test_test_time_flip_averages_the_two_views(trained):
     ckpt = trained["run"] / "model.pt"
     both = Detector.from_checkpoint(ckpt, device="cpu", test_overrides={"flip": True, "box_voting": 0.5})
     plain = Detector.from_checkpoint(ckpt, device="cpu", test_overrides={"flip": False})
-    assert both.cfg.test.flip and both.cfg.test.box_voting == 0.5 and not plain.cfg.test.flip
+    assert both.model.test.flip and both.model.test.box_voting == 0.5 and not plain.model.test.flip
     img = load_image(sorted((trained["data"] / "JPEGImages").glob("*.jpg"))[0])
     h, w = img.shape[:2]
     rng = np.random.default_rng(0)

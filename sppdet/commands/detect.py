@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.0, metavar="T",
                    help="keep detections scoring at least T (SVM margin; 0 = the SVM decision boundary)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: $SPPDET_CACHE)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder for proposals and conv5 maps (default: $SPPDET_CACHE, else ~/.cache/sppdet; "
+                        "never the trainer's folder recorded in the checkpoint)")
     p.add_argument("--no-draw", action="store_true", help="write JSON only")
     add_test_overrides(p)
     p.set_defaults(func=run)

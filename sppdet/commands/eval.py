@@ -18,14 +18,16 @@ def register(sub) -> None:
     p.add_argument("--split", default="test", metavar="S", help="split to evaluate (default: test)")
     p.add_argument("--metric", default="voc07", choices=("voc07", "voc12", "coco"))
     p.add_argument("--results", default=None, metavar="DIR",
-                   help="where to write the results files (default: <checkpoint folder>/results/<split>)")
+                   help="where to write the results files (default: REPORT/results with --report, else "
+                        "they are scored in a temporary folder and not kept)")
     p.add_argument("--report", default=None, metavar="DIR", help="write an HTML report into DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-bbox-reg", action="store_true", help="score the proposals without box regression")
     p.add_argument("--format", default=None, choices=("voc", "coco"), help="dataset format (default: as trained)")
     p.add_argument("--annotations", default=None, metavar="JSON", help="COCO instances file (--format coco)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: as trained / $SPPDET_CACHE)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder for proposals and conv5 maps (default: $SPPDET_CACHE, else ~/.cache/sppdet; "
+                        "never the trainer's folder recorded in the checkpoint)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="selective-search processes")
     add_test_overrides(p)
     p.set_defaults(func=run)
@@ -42,14 +44,15 @@ def run(args) -> int:
                              test_overrides=test_overrides_from_args(args))
     if args.json:
         out = ev.result.to_json()
-        out.update({"results": str(ev.results_dir), "images": len(ev.detections),
+        out.update({"results": str(ev.results_dir) if ev.results_dir else None, "images": len(ev.detections),
                     "seconds_per_image": ev.timings.get("per_image", {})})
         if ev.report:
             out["report"] = str(ev.report)
         print(json.dumps(out))
     else:
         print(format_ap_table(ev.result, list(ev.result.ap)))
-        print(f"results files: {ev.results_dir}")
+        print(f"results files: {ev.results_dir}" if ev.results_dir else
+              "results files: not kept (pass --results DIR to keep them)")
         per = ev.timings.get("per_image", {})
         if per:
             print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))

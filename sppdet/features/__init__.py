@@ -9,5 +9,8 @@ Public API::
 """
 
 from .extractor import CACHE_FORMAT, FeatureExtractor, context_boxes, enlarge_boxes, resize_image
+from .memory import available_memory
+from .window_cache import WindowFeatures
 
-__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "enlarge_boxes", "CACHE_FORMAT"]
+__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "enlarge_boxes", "CACHE_FORMAT",
+           "WindowFeatures", "available_memory"]

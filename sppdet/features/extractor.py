@@ -52,8 +52,8 @@ import torchvision
 
 from ..boxes import flip_boxes
 from ..models.backbones import Backbone
-from ..models.spp import (DEFAULT_LEVELS, choose_scales, feature_dim, project_windows, resize_factor, spp_pool,
-                         spp_pool_whole)
+from ..models.spp import (DEFAULT_LEVELS, choose_scales, project_windows, resize_factor, spp_pool, spp_pool_whole,
+                         window_feature_dim)
 from ..utils.io import atomic_path, file_sha1, stable_hash
 from ..utils.progress import progress
 
@@ -175,10 +175,7 @@ class FeatureExtractor:
     def feature_dim(self) -> int:
         """Length ``D`` of a window feature: ``out_channels * sum(n * n)`` (plus the
         context region's ``out_channels * sum(m * m)`` when ``context``)."""
-        d = feature_dim(self.backbone.out_channels, self.pyramid)
-        if self.context:
-            d += feature_dim(self.backbone.out_channels, self.context_pyramid)
-        return d
+        return window_feature_dim(self.backbone.out_channels, self.pyramid, self.context, self.context_pyramid)
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor(backbone={self.backbone.name}, mode={self.mode}, scales={self.scales}, "

@@ -103,6 +103,15 @@ def feature_dim(channels: int, levels: Sequence[int]) -> int:
     return int(channels) * num_bins(levels)
 
 
+def window_feature_dim(channels: int, levels: Sequence[int], context: float = 0.0,
+                       context_levels: Sequence[int] = (2, 1)) -> int:
+    """Length of a window feature: the window's pyramid, plus the enlarged window's when ``context``."""
+    d = feature_dim(channels, levels)
+    if context:
+        d += feature_dim(channels, context_levels)
+    return d
+
+
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     lv = tuple(int(n) for n in levels)
     if not lv or any(n <= 0 for n in lv):

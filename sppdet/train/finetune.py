@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import FinetuneConfig
 from ..errors import SppdetError
 from ..utils.io import atomic_path
 from ..utils.progress import progress
@@ -41,21 +42,22 @@ class TrainingError(SppdetError):
 
 
 @dataclass
-class FinetuneParams:
-    iterations: int
-    batch_size: int = 128
-    images_per_batch: int = 2
-    fg_fraction: float = 0.25
-    fg_iou: float = 0.5
-    bg_iou_low: float = 0.1
-    bg_iou_high: float = 0.5
-    lr: float = 0.001
-    lr_step_fraction: float = 0.6
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
+class FinetuneParams(FinetuneConfig):
+    """Fine-tuning settings: the config's ``finetune`` section (:class:`~sppdet.config.FinetuneConfig`,
+    inherited, so each default is written once) with ``iterations`` resolved (>= 1; see
+    ``sppdet.train.pipeline.finetune_iterations``), plus ``flip`` (mirror half of the
+    mini-batch images), ``seed`` and ``snapshot_seconds`` (how often a resumable snapshot is saved)."""
+
     flip: bool = True
     seed: int = 0
     snapshot_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        base = getattr(super(), "__post_init__", None)
+        if base is not None:
+            base()
+        if self.iterations < 1:
+            raise ValueError(f"FinetuneParams.iterations: expected >= 1, got {self.iterations}")
 
 
 def sample_windows(windows: ImageWindows, num: int, fg_fraction: float, fg_iou: float,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,18 +23,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoint import save_checkpoint
+from .. import build
+from ..checkpoint import save_detector
 from ..config import Config
-from ..data import dataset_from_config
 from ..data.records import Dataset
-from ..detect import make_extractor
 from ..errors import SppdetError
-from ..models.backbones import build_backbone
+from ..features import WindowFeatures
+from ..models.detector import SPPDetector
 from ..models.heads import FCHead, fc7_features
 from ..utils.device import resolve_device
-from ..utils.io import atomic_path, atomic_save_npy, atomic_write_json, atomic_write_text, default_cache_dir, stable_hash
+from ..utils.io import atomic_path, atomic_write_json, atomic_write_text, stable_hash
 from ..utils.log import add_log_file
 from ..utils.progress import progress
+from ..models.bbox_reg import BBoxRegressors
+from ..models.svm import LinearSVMs
 from .bbox_reg import select_regression_pairs, train_bbox_regressors
 from .finetune import FinetuneParams, finetune
 from .svm import SVMParams, WindowSet, feature_scale, train_svms
@@ -44,13 +45,6 @@ from .windows import ImageWindows, build_windows
 log = logging.getLogger(__name__)
 
 STAGES = ("proposals", "features", "finetune", "svm", "bbox_reg")
-
-
-def params_from_config(cls, section, **extra):
-    """Build a library parameter dataclass from the config section fields of the same names."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
-    return cls(**{**values, **extra})
 
 
 def features_key(cfg: Config, backbone) -> str:
@@ -76,139 +70,6 @@ def finetune_iterations(cfg: Config, num_images: int) -> int:
     return int(min(max(n, ft.min_iterations), ft.max_iterations))
 
 
-def available_memory() -> int | None:
-    """Bytes of physical memory available now (Linux's MemAvailable, which counts reclaimable
-    page cache; else free pages; ``None`` where the OS does not say)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-class WindowFeatures:
-    """Pooled features of training windows, by image index, window indices and flip.
-
-    SPP mode pools from the cached conv5 maps (computed once per image, scale
-    and flip); R-CNN mode looks up per-window features computed once per
-    image (crop, warp, forward each window) and cached on disk as float16.
-
-    In SPP mode the pooled features of ALL windows of an image are computed in
-    one call the first time the image is asked for and kept in RAM, as long as
-    the total stays within ``features.pooled_memory_gb``: fine-tuning visits every
-    image dozens of times, and pooling all windows at once costs about as much
-    as pooling the 64 a mini-batch needs.  Max pooling is exact, so the values
-    are the same either way (images beyond the budget are pooled per call).
-    """
-
-    def __init__(self, cfg: Config, extractor, dataset: Dataset, windows: list[ImageWindows], cache_dir: Path,
-                 show_progress: bool = True) -> None:
-        self.cfg = cfg
-        self.extractor = extractor
-        self.dataset = dataset
-        self.windows = windows
-        self.mode = extractor.mode
-        self.cache_dir = Path(cache_dir)
-        self.show_progress = show_progress
-        self._memo: dict[tuple[int, bool], np.ndarray] = {}
-        self.pooled_budget = int(max(0.0, float(cfg.features.pooled_memory_gb)) * 2 ** 30) if self.mode == "spp" else 0
-        avail = available_memory() if self.pooled_budget else None
-        if avail is not None and self.pooled_budget > avail // 2:
-            log.info("features.pooled_memory_gb: using %.2f GiB, half of the memory available now",
-                     avail / 2 ** 31)
-            self.pooled_budget = avail // 2
-        self.pooled_bytes = 0
-        self._pooled: dict[tuple[int, bool], torch.Tensor] = {}
-
-    def _rcnn_file(self, i: int, flip: bool) -> Path:
-        w = self.windows[i]
-        key = stable_hash([features_key(self.cfg, self.extractor.backbone), w.record.image_id, str(w.record.path),
-                           stable_hash(w.boxes.round(2).tolist()), flip])
-        return self.cache_dir / "rcnn_windows" / f"{key}.npy"
-
-    def _rcnn_all(self, i: int, flip: bool) -> np.ndarray:
-        f = self._rcnn_file(i, flip)
-        if f.is_file():
-            try:
-                arr = np.load(f, allow_pickle=False)
-                if arr.shape == (len(self.windows[i]), self.extractor.feature_dim):
-                    return arr
-            except Exception:
-                pass
-            log.warning("%s: corrupt R-CNN window-feature cache, rebuilding", f)
-        feats = self.extractor.features(self.windows[i].record, self.windows[i].boxes, flip=flip)
-        arr = feats.detach().cpu().numpy().astype(np.float16)
-        atomic_save_npy(f, arr)
-        return arr
-
-    def prepare(self, flips: tuple[bool, ...]) -> None:
-        """Compute what every later stage needs, once (conv maps or R-CNN window features)."""
-        if self.mode == "spp":
-            for flip in flips:
-                self.extractor.precompute(self.dataset, flip=flip, progress=self.show_progress)
-        else:
-            items = [(i, f) for f in flips for i in range(len(self.windows))]
-            for i, f in progress(items, desc="R-CNN window features", unit="img",
-                                 disable=None if self.show_progress else True):
-                self._rcnn_all(i, f)
-
-    def _all_pooled(self, i: int, flip: bool) -> torch.Tensor | None:
-        """Pooled features of every window of image ``i`` (CPU, the maps' dtype), kept in RAM;
-        ``None`` when they do not fit in what is left of the budget."""
-        t = self._pooled.get((i, flip))
-        if t is not None:
-            return t
-        w = self.windows[i]
-        itemsize = 2 if self.cfg.features.cache_dtype == "float16" else 4
-        nbytes = len(w) * self.extractor.feature_dim * itemsize
-        if self.pooled_bytes + nbytes > self.pooled_budget:
-            return None
-        rec = w.record
-        maps = self.extractor.conv_maps(rec.image_id, rec.path, flip=flip)
-        t = self.extractor.pooled(maps, w.boxes, rec.width, flip=flip).to("cpu", maps[0][1].dtype)
-        self._pooled[(i, flip)] = t
-        self.pooled_bytes += t.numel() * t.element_size()
-        return t
-
-    def warm(self, flips: tuple[bool, ...]) -> None:
-        """Pool every window of every training image into RAM now (within the budget; none in R-CNN mode)."""
-        if self.pooled_budget <= 0:
-            return
-        t0 = time.perf_counter()
-        items = [(i, f) for f in flips for i in range(len(self.windows)) if (i, f) not in self._pooled]
-        kept, n_win = 0, 0
-        for i, f in progress(items, desc="pooling windows", unit="img",
-                             disable=None if self.show_progress else True):
-            if self._all_pooled(i, f) is None:
-                break
-            kept += 1
-            n_win += len(self.windows[i])
-        if kept:
-            log.info("SPP features of %d windows (%d images%s) pooled into RAM: %.2f GiB, %.1f s%s", n_win, kept,
-                     ", mirrored copies included" if len(flips) > 1 else "", self.pooled_bytes / 2 ** 30,
-                     time.perf_counter() - t0, "" if kept == len(items) else
-                     f"; the other {len(items) - kept} are over features.pooled_memory_gb and pooled per batch")
-
-    def __call__(self, i: int, idx: np.ndarray, flip: bool = False) -> torch.Tensor:
-        """Features (Tensor[len(idx), D] float32) of windows ``idx`` of training image ``i``."""
-        w = self.windows[i]
-        if self.mode == "spp":
-            if self.pooled_budget > 0:
-                t = self._all_pooled(i, flip)
-                if t is not None:
-                    return t[torch.as_tensor(np.asarray(idx, dtype=np.int64))].float()
-            rec = w.record
-            maps = self.extractor.conv_maps(rec.image_id, rec.path, flip=flip)
-            return self.extractor.pooled(maps, w.boxes[idx], rec.width, flip=flip).float()
-        return torch.from_numpy(self._rcnn_all(i, flip)[idx].astype(np.float32))
-
-
 class Pipeline:
     """Trains a detector from a config into a run folder (see module docstring)."""
 
@@ -220,7 +81,7 @@ class Pipeline:
         self.data_root = data_root
         self.show_progress = show_progress
         self.device = resolve_device(cfg.device)
-        self.cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        self.cache_dir = build.training_cache_dir(cfg)
         self.timings: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -236,6 +97,11 @@ class Pipeline:
         log.info("stage %-9s %s in %.1f s", name, "reused" if reused else "done", dt)
         atomic_write_json(self.run_dir / "timings.json", self.timings)
         return out
+
+    def _window_features(self, extractor, train_set: Dataset, windows: list[ImageWindows]) -> WindowFeatures:
+        return WindowFeatures(extractor, train_set, windows, self.cache_dir,
+                              features_key=features_key(self.cfg, extractor.backbone),
+                              pooled_memory_gb=self.cfg.features.pooled_memory_gb, show_progress=self.show_progress)
 
     def _stage_file(self, name: str) -> Path:
         return self.stage_dir / f"{name}.pt"
@@ -281,7 +147,7 @@ class Pipeline:
         t_all = time.perf_counter()
         log.info("training %s into %s (device %s, cache %s)", cfg.name, self.run_dir, self.device, self.cache_dir)
 
-        dataset = dataset_from_config(cfg.data, cfg.data.train_split, self.data_root)
+        dataset = build.dataset_from_config(cfg.data, cfg.data.train_split, self.data_root)
         classes = list(cfg.data.classes or dataset.classes)
         K = len(classes)
         if K == 0:
@@ -289,9 +155,9 @@ class Pipeline:
         log.info("data: %s/%s, %d images, %d classes", dataset.root, dataset.split, len(dataset), K)
 
         # ---- proposals
-        from ..proposals import compute_proposals, get_preset
+        from ..proposals import compute_proposals
 
-        preset = get_preset(cfg.proposals.mode, **cfg.proposals.overrides)
+        preset = build.preset(cfg)
         store = self._timed("proposals", lambda: compute_proposals(
             dataset, preset, cfg.proposals.max_boxes, workers=cfg.proposals.workers,
             cache_dir=self.cache_dir, skip_bad_images=cfg.data.skip_bad_images,
@@ -310,9 +176,9 @@ class Pipeline:
                                 preset.key(), cfg.proposals.max_boxes])
 
         # ---- features
-        backbone = build_backbone(cfg.features.backbone, cfg.features.weights)
-        extractor = make_extractor(cfg, backbone, self.device, self.cache_dir)
-        feats = WindowFeatures(cfg, extractor, train_set, windows, self.cache_dir, self.show_progress)
+        backbone = build.backbone(cfg)
+        extractor = build.extractor(cfg.features, backbone, self.device, self.cache_dir)
+        feats = self._window_features(extractor, train_set, windows)
         flips = (False, True) if cfg.features.flip else (False,)
         need_flips = flips if cfg.finetune.enabled and not cfg.finetune.end_to_end else (False,)
         self._timed("features", lambda: feats.prepare(need_flips))
@@ -325,8 +191,8 @@ class Pipeline:
             head, ft_key = self._finetune(cfg, extractor, backbone, feats, windows, K, feat_key)
             if cfg.finetune.end_to_end:
                 # the conv layers changed: cached maps of the old weights no longer apply
-                extractor = make_extractor(cfg, backbone, self.device, self.cache_dir)
-                feats = WindowFeatures(cfg, extractor, train_set, windows, self.cache_dir, self.show_progress)
+                extractor = build.extractor(cfg.features, backbone, self.device, self.cache_dir)
+                feats = self._window_features(extractor, train_set, windows)
                 self._timed("features_e2e", lambda: feats.prepare((False,)))
                 feat_key = stable_hash([features_key(cfg, backbone), data_key])
 
@@ -353,26 +219,14 @@ class Pipeline:
                 self._timed("bbox_reg", lambda: None, reused=True)
 
         # ---- checkpoint
-        payload: dict[str, Any] = {
-            "config": cfg.to_dict(),
-            "classes": classes,
-            "backbone": {"name": backbone.name, "weights": cfg.features.weights,
-                         "weights_id": backbone.weights_id},
-            "feature_dim": extractor.feature_dim,
-            "svm": svm_state["svm"],
-            "stats": {"timings": self.timings, "train_images": len(train_recs), "train_objects": n_obj},
-        }
-        # default ImageNet weights (packaged Lite0, torchvision VGG16) are referenced; anything else
-        # (random init, a user's file, conv layers fine-tuned end to end) travels inside the checkpoint
-        rebuildable = cfg.features.weights is None and backbone.name.startswith(("lite0", "vgg16"))
-        if cfg.finetune.end_to_end or not rebuildable:
-            payload["backbone_state"] = backbone.state_dict()
-        if head is not None:
-            payload["head"] = head.state_dict()
-            payload["head_dims"] = list(head.fc_dims)
-        if reg_state is not None:
-            payload["bbox_reg"] = reg_state["bbox_reg"]
-        ckpt = save_checkpoint(self.run_dir / "model.pt", payload)
+        model = SPPDetector(
+            classes=classes, backbone=backbone, features=cfg.features,
+            svms=LinearSVMs.from_state_dict(svm_state["svm"]), head=head,
+            bbox_reg=BBoxRegressors.from_state_dict(reg_state["bbox_reg"]) if reg_state is not None else None,
+            svm_features=cfg.svm.features, test=cfg.test, feature_dim=extractor.feature_dim,
+            backbone_weights=cfg.features.weights, backbone_trained=cfg.finetune.end_to_end,
+            stats={"timings": self.timings, "train_images": len(train_recs), "train_objects": n_obj})
+        ckpt = save_detector(self.run_dir / "model.pt", model, cfg)
         self.timings["total_seconds_this_run"] = round(time.perf_counter() - t_all, 3)
         atomic_write_json(self.run_dir / "timings.json", self.timings)
         log.info("checkpoint written to %s", ckpt)
@@ -392,7 +246,7 @@ class Pipeline:
                 backbone.weights_id = state["backbone_weights_id"]
             self._timed("finetune", lambda: None, reused=True)
             return head.to(self.device).eval(), key
-        params = params_from_config(FinetuneParams, ft, iterations=iters, flip=cfg.features.flip, seed=cfg.seed)
+        params = build.params(FinetuneParams, ft, iterations=iters, flip=cfg.features.flip, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         head.reset_parameters()
         extra_modules, extra_groups = None, None
@@ -469,7 +323,7 @@ class Pipeline:
             sample.append(features(int(i), np.sort(rng.choice(n, min(n, 64), replace=False))))
         scale = feature_scale(np.concatenate(sample), cfg.svm.feature_norm)
 
-        params = params_from_config(SVMParams, cfg.svm, device=cfg.device, seed=cfg.seed)
+        params = build.params(SVMParams, cfg.svm, device=cfg.device, seed=cfg.seed)
         return train_svms(get_windows, len(windows), K, params, class_names=classes,
                           progress=self.show_progress, get_positives=get_positives, scale=scale)
 

@@ -45,22 +45,23 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..config import SVMConfig
+from ..models.svm import NO_POSITIVES_BIAS, LinearSVMs
 from ..utils.progress import progress as _progress
 
 logger = logging.getLogger(__name__)
-
-#: Bias of a class that had no positive example: its SVM is ``W = 0, b = NO_POSITIVES_BIAS``,
-#: i.e. every window scores this (far below any real score; finite so that sorting,
-#: arithmetic and float32 storage stay well-defined).
-NO_POSITIVES_BIAS: float = -1.0e6
 
 #: Window keys ``image * KEY_STRIDE + window`` identify a window across the data set.
 KEY_STRIDE: int = 1 << 32
 
 
 @dataclass
-class SVMParams:
+class SVMParams(SVMConfig):
     """Hyper-parameters of SVM training (defaults: R-CNN / SPPnet).
+
+    The fields and defaults are those of the config's ``svm`` section
+    (:class:`~sppdet.config.SVMConfig`, inherited, so each default is written once) plus
+    ``device`` and ``seed``; ``features`` (fc7 or spp) is the pipeline's business.
 
     Attributes:
         C: liblinear's ``-c`` (cost of the hinge loss).
@@ -87,24 +88,13 @@ class SVMParams:
         seed: random state (liblinear's coordinate order, subsampling).
     """
 
-    C: float = 1e-3
-    pos_weight: float = 2.0
-    bias_multiplier: float = 10.0
-    feature_norm: float = 20.0
-    neg_iou: float = 0.3
-    hard_threshold: float = -1.0001
-    evict_threshold: float = -1.2
-    retrain_images: int = 0
-    retrain_limit: int = 2000
-    max_negatives_first: int = 0
-    passes: int = 1
-    max_iter: int = 10000
-    tol: float = 1e-4
-    solver: str = "liblinear"
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        base = getattr(super(), "__post_init__", None)
+        if base is not None:
+            base()
         if self.C <= 0 or self.pos_weight <= 0 or self.bias_multiplier <= 0 or self.feature_norm <= 0:
             raise ValueError("SVMParams: C, pos_weight, bias_multiplier and feature_norm must be > 0")
         if self.evict_threshold > self.hard_threshold:
@@ -159,73 +149,6 @@ def feature_scale(sample: np.ndarray, target_norm: float = 20.0) -> float:
     if not math.isfinite(mean_norm) or mean_norm <= 0:
         return 1.0
     return float(target_norm) / mean_norm
-
-
-# ---------------------------------------------------------------------------
-# The model
-
-
-class LinearSVMs:
-    """K linear SVMs on scaled features: ``scores = (scale * x) @ W + b``.
-
-    Attributes:
-        W (ndarray[D, K] float32): weights, one column per class.
-        b (ndarray[K] float32): biases (``NO_POSITIVES_BIAS`` for classes without positives).
-        scale (float): factor applied to raw features before ``W``.
-    """
-
-    def __init__(self, W: np.ndarray, b: np.ndarray, scale: float) -> None:
-        self.W = np.ascontiguousarray(np.asarray(W, dtype=np.float32))
-        self.b = np.asarray(b, dtype=np.float32).reshape(-1)
-        if self.W.ndim != 2 or self.W.shape[1] != len(self.b):
-            raise ValueError(f"LinearSVMs: W [D, K] and b [K] do not match: {self.W.shape}, {self.b.shape}")
-        self.scale = float(scale)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.W.shape[1])
-
-    @property
-    def dim(self) -> int:
-        return int(self.W.shape[0])
-
-    def decision_function(self, features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        """Scores of raw features.
-
-        Args:
-            features (ndarray[N, D] or Tensor[N, D]): raw (unscaled) features.
-
-        Returns:
-            Scores [N, K] of the same kind: a float32 ndarray for an ndarray; a tensor on
-            the features' device (float32, or float64 for float64 input) for a tensor.
-        """
-        if isinstance(features, torch.Tensor):
-            dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-            x = features.to(dtype)
-            W = torch.from_numpy(self.W).to(device=x.device, dtype=dtype)
-            b = torch.from_numpy(self.b).to(device=x.device, dtype=dtype)
-            return (x * self.scale) @ W + b
-        x = np.asarray(features, dtype=np.float32).reshape(-1, self.dim)
-        return ((x * np.float32(self.scale)) @ self.W + self.b).astype(np.float32, copy=False)
-
-    def state_dict(self) -> dict[str, torch.Tensor | float]:
-        """``{"W": Tensor[D, K] float32, "b": Tensor[K] float32, "scale": float}`` (weights_only-safe)."""
-        return {"W": torch.from_numpy(self.W.copy()), "b": torch.from_numpy(self.b.copy()), "scale": float(self.scale)}
-
-    @classmethod
-    def from_state_dict(cls, d: dict) -> "LinearSVMs":
-        """Inverse of :meth:`state_dict` (accepts tensors or arrays)."""
-        try:
-            W, b, scale = d["W"], d["b"], d["scale"]
-        except KeyError as e:
-            raise ValueError(f"LinearSVMs state dict lacks {e}") from None
-        W = W.detach().cpu().numpy() if isinstance(W, torch.Tensor) else np.asarray(W)
-        b = b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-        scale = float(scale.item()) if isinstance(scale, torch.Tensor) else float(scale)
-        return cls(W, b, scale)
-
-    def __repr__(self) -> str:
-        return f"LinearSVMs(D={self.dim}, K={self.num_classes}, scale={self.scale:.6g})"
 
 
 # ---------------------------------------------------------------------------
