@@ -37,20 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "spatial pyramid pooling, SVMs, box regression.",
     )
     parser.add_argument("--version", action="version", version=f"sppdet {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=1,
-                        help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress messages are on by default; -vv adds debug output")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"sppdet.commands.{name}")
-        except ModuleNotFoundError as e:  # a command not built yet must not break the others
-            if e.name == f"sppdet.commands.{name}":
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(f"sppdet.commands.{name}").register(sub)
     return parser
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """0 with ``-q`` (warnings), 1 by default and with ``-v`` (progress), 2 with ``-vv`` (debug)."""
+    return 0 if args.quiet else max(1, args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(0 if args.quiet else args.verbose)
+    setup_logging(verbosity(args))
     try:
         rc = args.func(args)
     except SppdetError as e:

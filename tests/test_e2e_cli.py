@@ -247,3 +247,48 @@ def test_building_the_cli_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def _files(folder):
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
+
+
+def test_eval_and_detect_use_the_callers_cache_not_the_checkpoints(trained, tmp_path, monkeypatch, capsys):
+    """A checkpoint records the trainer's cache folder; evaluating or running it elsewhere must use
+    --cache / $SPPDET_CACHE and write nothing into the trainer's cache or next to the checkpoint."""
+    import shutil
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    ckpt = theirs / "model.pt"
+    shutil.copy(trained["run"] / "model.pt", ckpt)
+    their_cache = _files(trained["cache"])
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("SPPDET_CACHE", str(mine))
+    assert main(["-q", "eval", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"] is None                               # scored, not kept: nowhere asked for
+    assert sorted(p.name for p in theirs.iterdir()) == ["model.pt"]
+    assert list((mine / "proposals").rglob("*.npz"))             # the caller's cache was used ...
+    assert _files(trained["cache"]) == their_cache               # ... and the trainer's left alone
+    img = sorted((trained["data"] / "JPEGImages").glob("*.jpg"))[0]
+    other = tmp_path / "other"
+    assert main(["-q", "detect", "--checkpoint", str(ckpt), str(img), "--out", str(tmp_path / "det"),
+                 "--cache", str(other)]) == 0
+    assert list((other / "proposals").rglob("*.npz"))          # (conv5 maps of decoded arrays are not cached)
+    assert _files(trained["cache"]) == their_cache
+    assert sorted(p.name for p in theirs.iterdir()) == ["model.pt"]
+
+
+def test_eval_results_go_to_the_report_folder_and_tilde_is_expanded(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    rc = main(["-q", "eval", "--checkpoint", str(trained["run"] / "model.pt"), "--data", str(trained["data"]),
+               "--json", "--report", "~/rep", "--cache", "~/cache"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    home = tmp_path / "home"
+    assert out["results"] == str(home / "rep" / "results")
+    assert list((home / "rep" / "results").glob("comp4_det_test_*.txt"))
+    assert (home / "rep" / "index.html").is_file()
+    assert list((home / "cache" / "proposals").rglob("*.npz"))
+    assert not (tmp_path / "~").exists() and not list(trained["run"].glob("results"))

@@ -281,8 +281,9 @@ def test_bad_image_named_or_skipped(voc, tmp_path):
 
 def test_cli_proposals_and_shards(voc, tmp_path, capsys):
     out = tmp_path / "p.npz"
-    sets = ["--set", "ks=100", "--set", "colour_spaces=hsv", "--set", "strategies=cfst", "--set", "max_sides=64",
-            "--set", "min_box_size=2", "--set", "extra_runs="]
+    sets = ["--set", "proposals.overrides.ks=[100]", "--set", "proposals.overrides.colour_spaces=[hsv]",
+            "--set", "proposals.overrides.strategies=[cfst]", "--set", "proposals.overrides.max_sides=[64]",
+            "--set", "proposals.overrides.min_box_size=2", "--set", "proposals.overrides.extra_runs=[]"]
     assert main(["proposals", "--data", str(voc), "--split", "train", "--workers", "1", "--out", str(out),
                  "--max-boxes", "50", *sets]) == 0
     assert str(out) in capsys.readouterr().out
@@ -314,20 +315,22 @@ def test_cli_merge_command(voc, tmp_path, capsys):
 def test_cli_bad_image_exit_2_one_line(voc, tmp_path, capsys):
     bad = break_image(voc)
     rc = main(["proposals", "--data", str(voc), "--split", "train", "--workers", "1",
-               "--out", str(tmp_path / "p.npz"), "--set", "max_sides=64"])
+               "--out", str(tmp_path / "p.npz"), "--set", "proposals.overrides.max_sides=[64]"])
     err = capsys.readouterr().err
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("sppdet: error:")]
     assert len(lines) == 1 and bad.name in lines[0] and "Traceback" not in err
     assert main(["proposals", "--data", str(voc), "--split", "train", "--workers", "1", "--skip-bad-images",
-                 "--out", str(tmp_path / "p.npz"), "--set", "max_sides=64"]) == 0
+                 "--out", str(tmp_path / "p.npz"), "--set", "proposals.overrides.max_sides=[64]"]) == 0
     assert "1 skipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,what", [
     (["--shard", "0/2"], "--shard"),
     (["--mode", "nope"], "--mode"),
-    (["--set", "ks=x"], "--set"),
+    (["--set", "proposals.overrides.ks=[x]"], "ks"),
+    (["--set", "ks=100"], "'ks'"),                 # the one grammar: section.key=value
+    (["--set", "proposals.mode=nope"], "nope"),
     (["--max-boxes", "-1"], "--max-boxes"),
 ])
 def test_cli_bad_options(voc, tmp_path, capsys, argv, what):

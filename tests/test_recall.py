@@ -145,7 +145,7 @@ def test_cli_recall_json_matches_library(tmp_path, capsys):
 def test_cli_recall_computes_proposals_when_not_given(tmp_path, capsys):
     voc = write_voc(tmp_path / "voc")
     rc = main(["recall", "--data", str(voc), "--split", "train", "--workers", "1", "--cache", str(tmp_path / "c"),
-               "--set", "max_sides=64", "--max-boxes", "30"])
+               "--set", "proposals.overrides.max_sides=[64]", "--max-boxes", "30"])
     out = capsys.readouterr().out
     assert rc == 0 and "recall@0.5" in out and "AR" in out
     assert list((tmp_path / "c" / "proposals").rglob("*.npz"))

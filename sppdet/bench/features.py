@@ -38,55 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-class _Torch:
-    """``torch``, imported on first use: registering this command must not slow `sppdet --help`."""
-
-    def __getattr__(self, name: str):
-        import torch as _t
-
-        return getattr(_t, name)
-
-
-torch = _Torch()
+import torch
 
 from ..errors import SppdetError
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "features", help="SPP vs R-CNN mode s/image, SPP pooling vs roi_pool, memory, disk",
-        description="Benchmark feature extraction: SPP mode against R-CNN mode on the same images, windows "
-                    "and backbone (ratio measured in one run), the exact CPU pooling against torchvision's "
-                    "roi_pool, peak memory at the largest scale and the conv5 cache's disk use.")
-    p.add_argument("--data", metavar="ROOT", help="VOC-format dataset root (needed unless --pool-only)")
-    p.add_argument("--split", default="test", metavar="S", help="split to take images from (default test)")
-    p.add_argument("--backbone", default="zf5", help="zf5, vgg16 or lite0 (default zf5)")
-    p.add_argument("--weights", default=None, help="backbone weights (default: the backbone's default)")
-    p.add_argument("--scale", type=int, default=688, help="SPP single scale (default 688)")
-    p.add_argument("--max-side", type=int, default=2000, help="cap on the longer side (default 2000)")
-    p.add_argument("--pyramid", default="4,2,1", help="pyramid levels (default 4,2,1)")
-    p.add_argument("--windows", type=int, default=2000, help="windows per image (default 2000)")
-    p.add_argument("--windows-from", choices=("ss", "random"), default="ss",
-                   help="selective search (topped up with random windows) or random windows")
-    p.add_argument("--images", type=int, default=1, help="images for SPP vs R-CNN (default 1)")
-    p.add_argument("--rcnn-windows", type=int, default=0,
-                   help="run R-CNN mode on only this many windows and scale the time up (default: all)")
-    p.add_argument("--rcnn-batch", type=int, default=32, help="R-CNN windows per forward batch")
-    p.add_argument("--repeat", type=int, default=5, help="rounds of the pooling benchmark (default 5)")
-    p.add_argument("--pool-map", default="256,43,57", help="C,H,W of the pooling benchmark's map")
-    p.add_argument("--memory-scale", type=int, default=1200, help="scale of the peak-memory check (0: skip)")
-    p.add_argument("--disk-split", default=None, help="split for the disk report (default: --split)")
-    p.add_argument("--disk-limit", type=int, default=0, help="only the first N images of the disk split")
-    p.add_argument("--pool-only", action="store_true", help="only the pooling benchmark")
-    p.add_argument("--no-rcnn", action="store_true", help="skip R-CNN mode")
-    p.add_argument("--no-disk", action="store_true", help="skip the disk report")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto for the per-image part")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------

@@ -23,27 +23,6 @@ from ..errors import SppdetError
 STOCK = "opencv-stock-fast"
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "proposals", help="selective-search presets: s/img/core, boxes/img, recall",
-        description="Benchmark selective-search presets on a dataset (single process, one thread, "
-                    "presets interleaved per image).  The stock OpenCV fast mode is included as "
-                    f"'{STOCK}' (its own order, no cap) unless --no-stock.")
-    p.add_argument("--data", required=True, metavar="ROOT", help="VOC-format dataset root")
-    p.add_argument("--split", required=True, metavar="S", help="split(s), e.g. trainval,test")
-    p.add_argument("--presets", default="fast,quality", metavar="LIST",
-                   help="comma-separated preset names (default: fast,quality)")
-    p.add_argument("--variant", action="append", default=[], metavar="'LABEL BASE KEY=V ...'",
-                   help="also benchmark a preset with overridden settings, e.g. "
-                        "--variant 'fast300 fast max_sides=300 ks=50,100' (repeatable)")
-    p.add_argument("--no-stock", action="store_true", help=f"leave out {STOCK}")
-    p.add_argument("--max-boxes", type=int, default=2000, metavar="N", help="cap per image (default 2000)")
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--plots", default=None, metavar="DIR", help="recall plots of all presets to DIR")
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
     import cv2
 

@@ -1,4 +1,11 @@
-"""Options shared by several subcommands, and the one place that turns them into a config."""
+"""Options shared by several subcommands, and the one place that turns them into a config.
+
+One override grammar for every command: ``--set section.key=value`` with the value read as
+YAML (``--set finetune.lr=0.01``, ``--set features.scales=[480,688]``,
+``--set proposals.overrides.ks=[50,100]``); ``eval`` and ``detect`` accept the ``test``
+section only (the rest is fixed by training).  The runtime options (``--device``,
+``--cache``, ``--workers``) are declared here once.
+"""
 
 from __future__ import annotations
 
@@ -16,19 +23,34 @@ def add_config_options(p: argparse.ArgumentParser, required: bool = True) -> Non
                    help="override a config value, e.g. --set finetune.lr=0.01 (repeatable)")
 
 
-def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, metavar="D", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--cache", default=None, metavar="DIR",
-                   help="cache folder for proposals and conv5 maps (default: $SPPDET_CACHE or ~/.cache/sppdet)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes for selective search (default: all cores)")
+def add_runtime_options(p: argparse.ArgumentParser, *, device: bool = True, cache: bool = True,
+                        workers: bool = True) -> None:
+    """``--device``, ``--cache``, ``--workers`` (the ones a command has)."""
+    if device:
+        p.add_argument("--device", default=None, metavar="D",
+                       help="auto, cpu, cuda or cuda:N (default: the config's / checkpoint's, auto)")
+    if cache:
+        p.add_argument("--cache", default=None, metavar="DIR",
+                       help="cache folder for proposals and conv5 maps (default: $SPPDET_CACHE, else "
+                            "~/.cache/sppdet; eval and detect never use the folder a checkpoint records)")
+    if workers:
+        p.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="processes for selective search (default: the config's, 0 = all cores)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The ``--set`` values as one nested mapping (later ones win)."""
+    overrides: dict = {}
+    for text in getattr(args, "overrides", []) or []:
+        overrides = deep_update(overrides, parse_override(text))
+    return overrides
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file with --set overrides and the runtime flags applied (strictly checked)."""
-    overrides: dict = {}
-    for text in getattr(args, "overrides", []) or []:
-        overrides = deep_update(overrides, parse_override(text))
+    overrides = overrides_from_args(args)
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise ConfigError(f"--workers {args.workers}: must be >= 0 (0: all cores)")
     if getattr(args, "device", None):
         overrides = deep_update(overrides, {"device": args.device})
     if getattr(args, "cache", None):

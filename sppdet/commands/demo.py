@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import add_runtime_options
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -24,8 +26,7 @@ def register(sub) -> None:
     p.add_argument("--config", default="demo_lite0", metavar="C", help="config (default: demo_lite0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
-    p.add_argument("--device", default=None, metavar="D", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="selective-search processes")
+    add_runtime_options(p, cache=False)
     p.set_defaults(func=run)
 
 

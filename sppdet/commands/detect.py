@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_test_overrides, test_overrides_from_args
+from .common import add_runtime_options, add_test_overrides, test_overrides_from_args
 
 
 def register(sub) -> None:
@@ -21,20 +21,23 @@ def register(sub) -> None:
     p.add_argument("--out", default="detections", metavar="DIR", help="output folder (default: ./detections)")
     p.add_argument("--threshold", type=float, default=0.0, metavar="T",
                    help="keep detections scoring at least T (SVM margin; 0 = the SVM decision boundary)")
-    p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder for proposals and conv5 maps (default: $SPPDET_CACHE, else ~/.cache/sppdet; "
-                        "never the trainer's folder recorded in the checkpoint)")
     p.add_argument("--no-draw", action="store_true", help="write JSON only")
+    add_runtime_options(p)
     add_test_overrides(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..detect import Detector, detect_images
+    from ..errors import SppdetError
 
     paths = _expand(args.inputs)
-    det = Detector.from_checkpoint(args.checkpoint, device=args.device, cache_dir=args.cache,
+    det = Detector.from_checkpoint(args.checkpoint, device=args.device or "auto", cache_dir=args.cache,
                                    test_overrides=test_overrides_from_args(args))
+    if args.workers is not None:
+        if args.workers < 0:
+            raise SppdetError(f"--workers {args.workers}: must be >= 0 (0: all cores)")
+        det.workers = args.workers
     out = Path(args.out)
     failed = 0
     for path, result in detect_images(det, paths, out, threshold=args.threshold, draw=not args.no_draw):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_test_overrides, test_overrides_from_args
+from .common import add_runtime_options, add_test_overrides, test_overrides_from_args
 
 
 def register(sub) -> None:
@@ -25,10 +25,7 @@ def register(sub) -> None:
     p.add_argument("--no-bbox-reg", action="store_true", help="score the proposals without box regression")
     p.add_argument("--format", default=None, choices=("voc", "coco"), help="dataset format (default: as trained)")
     p.add_argument("--annotations", default=None, metavar="JSON", help="COCO instances file (--format coco)")
-    p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder for proposals and conv5 maps (default: $SPPDET_CACHE, else ~/.cache/sppdet; "
-                        "never the trainer's folder recorded in the checkpoint)")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="selective-search processes")
+    add_runtime_options(p)
     add_test_overrides(p)
     p.set_defaults(func=run)
 
@@ -38,7 +35,7 @@ def run(args) -> int:
     from ..evaluation.voc import format_ap_table
 
     ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, metric=args.metric,
-                             results_dir=args.results, report_dir=args.report, device=args.device,
+                             results_dir=args.results, report_dir=args.report, device=args.device or "auto",
                              cache_dir=args.cache, use_bbox_reg=not args.no_bbox_reg, data_format=args.format,
                              annotations=args.annotations, workers=args.workers,
                              test_overrides=test_overrides_from_args(args))

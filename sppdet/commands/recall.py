@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import SppdetError
-from .proposals import add_proposal_options, preset_from_args
+from .proposals import ProposalSettings, add_proposal_options
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +19,9 @@ def register(sub) -> None:
                     "excluded): recall at IoU 0.5 and 0.7, average recall over IoU 0.5:0.95, mean boxes "
                     "per image, recall vs IoU and vs number of boxes.  Without --proposals the proposals "
                     "are computed (or taken from the cache) with --mode / --max-boxes.")
-    p.add_argument("--data", required=True, metavar="ROOT", help="VOC-format dataset root")
-    p.add_argument("--split", required=True, metavar="S", help="split name (several: trainval,test)")
+    p.add_argument("--data", metavar="ROOT", help="VOC-format dataset root (default: the config's data.root)")
+    p.add_argument("--split", metavar="S",
+                   help="split name (several: trainval,test; default with --config: its data.train_split)")
     p.add_argument("--proposals", default=None, metavar="FILE", help="a proposal store (.npz) to score")
     add_proposal_options(p)
     p.add_argument("--include-difficult", action="store_true", help="also count objects marked difficult")
@@ -35,21 +36,21 @@ def run(args: argparse.Namespace) -> int:
     from ..proposals.recall import compute_recall, format_result, plot_recall, to_json
     from ..proposals.runner import load_splits
 
-    if args.max_boxes < 0:
-        raise SppdetError(f"--max-boxes {args.max_boxes}: must be >= 0 (0: no cap)")
-    dataset = load_splits(args.data, args.split, skip_bad_images=args.skip_bad_images)
+    s = ProposalSettings(args)
+    if not s.data or not s.split:
+        raise SppdetError("recall: --data ROOT and --split S are required (or --config C naming them)")
+    dataset = load_splits(s.data, s.split, skip_bad_images=s.skip_bad_images)
     if args.proposals:
         store = ProposalStore.load(args.proposals)
         name = Path(args.proposals).name
         unknown = sum(1 for r in dataset.records if r.image_id not in store)
         if unknown == len(dataset):
             raise SppdetError(f"--proposals {args.proposals}: holds none of the {len(dataset)} images of "
-                              f"split {args.split!r} (wrong dataset or split?)")
+                              f"split {s.split!r} (wrong dataset or split?)")
     else:
-        preset = preset_from_args(args)
-        store = compute_proposals(dataset, preset, args.max_boxes, workers=args.workers,
-                                  cache_dir=args.cache, skip_bad_images=args.skip_bad_images)
-        name = preset.name
+        store = compute_proposals(dataset, s.preset, s.max_boxes, workers=s.workers,
+                                  cache_dir=s.cache, skip_bad_images=s.skip_bad_images)
+        name = s.preset.name
     res = compute_recall(dataset, store, include_difficult=args.include_difficult)
     plots = [str(p) for p in plot_recall({name: res}, args.plots)] if args.plots else []
     if args.json:

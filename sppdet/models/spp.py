@@ -285,11 +285,6 @@ def _scratch_array(n: int, dtype: np.dtype) -> np.ndarray:
     return buf[:n]
 
 
-def release_scratch() -> None:
-    """Free this thread's pooling work memory (it is reallocated when needed)."""
-    _scratch.buf = None
-
-
 def _table_numpy(X: np.ndarray, A: int, B: int) -> np.ndarray:
     """Sparse table of ``X`` (ndarray[H, W, C]): ndarray[A, B, H, W, C] (a scratch view).
 
