@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses, strict YAML merge, resolved-config dumps.
 
-One place reads the config (the builders in :mod:`sppdet.train.pipeline`,
-:mod:`sppdet.detect` and the commands); library functions take plain
-arguments.  Loading is strict, as in fast-rcnn's ``cfg_from_file``: an unknown
+One place turns the config into objects (:mod:`sppdet.build`); the pipeline
+reads it for its stage keys and the commands build it from the command line;
+library functions take plain arguments (or a config section that *is* their
+parameter object, e.g. ``SVMParams`` subclasses :class:`SVMConfig`).  Loading is strict, as in fast-rcnn's ``cfg_from_file``: an unknown
 key or a value of the wrong type is a :class:`~sppdet.errors.ConfigError`
 naming the file and the key.
 
