@@ -325,6 +325,26 @@ def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_from_sets(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = (), *,
+                     base: dict[str, Any] | None = None, device: str | None = None, cache: str | None = None,
+                     workers: int | None = None) -> Config:
+    """The one way a command line becomes a config: the file ``path``, then ``base`` (a caller's
+    fixed updates, e.g. the demo's cache folder), then the ``--set section.key=value`` texts,
+    then the runtime options ``device`` / ``cache`` / ``workers`` when given (strictly checked)."""
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers {workers}: must be >= 0 (0: all cores)")
+    updates: dict[str, Any] = dict(base or {})
+    for text in sets:
+        updates = deep_update(updates, parse_override(text))
+    if device:
+        updates = deep_update(updates, {"device": device})
+    if cache:
+        updates = deep_update(updates, {"cache_dir": str(cache)})
+    if workers is not None:
+        updates = deep_update(updates, {"proposals": {"workers": workers}})
+    return load_config(path, updates or None)
+
+
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
     cfg = merge(Config(), d, "config")

@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from .config import deep_update, load_config, parse_override
+from .config import config_from_sets
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,8 @@ def run_demo(out: Path, *, images: int | None = None, seed: int = 0, config: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the class list is the generator's: a small dataset may lack a class in one split
-    upd: dict = {"cache_dir": str((out / "cache").resolve()), "data": {"classes": list(SYNTHETIC_CLASSES)}}
-    for text in overrides or []:
-        upd = deep_update(upd, parse_override(text))
-    if device:
-        upd = deep_update(upd, {"device": device})
-    if workers is not None:
-        upd = deep_update(upd, {"proposals": {"workers": workers}})
-    cfg = load_config(config, upd)
+    base = {"cache_dir": str((out / "cache").resolve()), "data": {"classes": list(SYNTHETIC_CLASSES)}}
+    cfg = config_from_sets(config, list(overrides or []), base=base, device=device, workers=workers)
 
     n = images or DEMO_IMAGES
     data = out / "data"

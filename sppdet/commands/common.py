@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import Config, load_config, parse_override, deep_update
+from ..config import Config, config_from_sets, deep_update, parse_override
 from ..errors import ConfigError
 
 
@@ -38,26 +38,11 @@ def add_runtime_options(p: argparse.ArgumentParser, *, device: bool = True, cach
                        help="processes for selective search (default: the config's, 0 = all cores)")
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    """The ``--set`` values as one nested mapping (later ones win)."""
-    overrides: dict = {}
-    for text in getattr(args, "overrides", []) or []:
-        overrides = deep_update(overrides, parse_override(text))
-    return overrides
-
-
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file with --set overrides and the runtime flags applied (strictly checked)."""
-    overrides = overrides_from_args(args)
-    if getattr(args, "workers", None) is not None and args.workers < 0:
-        raise ConfigError(f"--workers {args.workers}: must be >= 0 (0: all cores)")
-    if getattr(args, "device", None):
-        overrides = deep_update(overrides, {"device": args.device})
-    if getattr(args, "cache", None):
-        overrides = deep_update(overrides, {"cache_dir": args.cache})
-    if getattr(args, "workers", None) is not None:
-        overrides = deep_update(overrides, {"proposals": {"workers": args.workers}})
-    return load_config(getattr(args, "config", None), overrides or None)
+    return config_from_sets(getattr(args, "config", None), getattr(args, "overrides", None) or [],
+                            device=getattr(args, "device", None), cache=getattr(args, "cache", None),
+                            workers=getattr(args, "workers", None))
 
 
 def add_test_overrides(p: argparse.ArgumentParser) -> None:
