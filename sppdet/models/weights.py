@@ -4,16 +4,12 @@ Building a network never downloads (:func:`~sppdet.models.backbones.build_backbo
 reads local files only); ``sppdet weights fetch vgg16|zf5`` is the one step
 that touches the network, and it writes only into the usual caches:
 
-===========  ======================================================  ==========================
-name         file                                                    checked
-===========  ======================================================  ==========================
-``vgg16``    ``<torch hub>/checkpoints/vgg16-397923af.pth``          SHA-256 prefix in the name
-             (torchvision ``VGG16_Weights.IMAGENET1K_V1``)           (torch.hub's rule)
-``zf5``      ``~/.torch/models/zfnet-1727-d010ddca.pth``             full SHA-1 of pytorchcv's
-             (pytorchcv's model store, ``zfnet``; raw download)      model store entry
-             ``<torch hub>/checkpoints/sppdet-zf5-zfnet-d010ddca.pt``  made from the file above
-             and ``...-d010ddca-fc.pt`` (converted conv1-5; fc6/fc7)
-===========  ======================================================  ==========================
+* ``vgg16``: ``<torch hub>/checkpoints/vgg16-397923af.pth``, torchvision's
+  ``VGG16_Weights.IMAGENET1K_V1`` (SHA-256 prefix in the name checked, torch.hub's rule);
+* ``zf5``: ``~/.torch/models/zfnet-1727-d010ddca.pth``, pytorchcv's model store file of
+  ``zfnet`` (its full SHA-1 checked), converted to
+  ``<torch hub>/checkpoints/sppdet-zf5-zfnet-d010ddca.pt`` (conv1-5, with its layout) and
+  ``sppdet-zf5-zfnet-d010ddca-fc.pt`` (fc6/fc7).
 
 ``<torch hub>`` is ``torch.hub.get_dir()`` (``$TORCH_HOME/hub``, by default
 ``~/.cache/torch/hub``); ``~/.torch/models`` is pytorchcv's default model root.
