@@ -27,6 +27,7 @@ COMMANDS = (
     "evaluate",
     "detect",
     "bench",
+    "weights",
 )
 
 

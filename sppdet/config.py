@@ -56,8 +56,9 @@ class ProposalConfig:
 class FeatureConfig:
     """Backbone, scales and spatial pyramid pooling."""
 
-    backbone: str = "zf5"            # zf5 | vgg16 | lite0 (= lite0-dilated) | lite0-c4 | lite0-cat
-    weights: str | None = None       # None: the backbone's default (packaged / torchvision); a path; "random"
+    backbone: str = "zf5"            # zf5 | zf5-zfnet | vgg16 | lite0 (= lite0-dilated) | lite0-c4 | lite0-cat
+    weights: str | None = None       # None: the backbone's default (packaged / torchvision); "imagenet"; a path;
+                                     # "random" (imagenet for zf5/vgg16: sppdet weights fetch zf5|vgg16)
     mode: str = "spp"                # spp | rcnn
     scales: list[int] = field(default_factory=lambda: [688])
     max_side: int = 2000             # cap on the longer side after resizing
@@ -95,6 +96,7 @@ class FinetuneConfig:
     lr_step_fraction: float = 0.6    # lr /= 10 after this fraction of the iterations
     momentum: float = 0.9
     weight_decay: float = 0.0005
+    init: str = "auto"               # fc6/fc7 start: imagenet (zf5 imagenet weights, pyramid [6]) | he | auto
     end_to_end: bool = False         # also train the conv layers through SPP (beyond the paper)
     conv_lr_mult: float = 0.1
 
@@ -360,7 +362,7 @@ def validate(cfg: Config) -> None:
 
     if cfg.data.format not in ("voc", "coco"):
         bad("data.format", f"must be voc or coco, got {cfg.data.format!r}")
-    backbones = ("zf5", "vgg16", "lite0", "lite0-c4", "lite0-dilated", "lite0-cat")
+    backbones = ("zf5", "zf5-zfnet", "vgg16", "lite0", "lite0-c4", "lite0-dilated", "lite0-cat")
     if cfg.features.backbone not in backbones:
         bad("features.backbone", f"must be one of {', '.join(backbones)}, got {cfg.features.backbone!r}")
     if cfg.features.mode not in ("spp", "rcnn"):
@@ -395,6 +397,8 @@ def validate(cfg: Config) -> None:
         bad("finetune.bg_iou_low", "need 0 <= bg_iou_low < bg_iou_high <= fg_iou")
     if not 0 <= ft.dropout < 1:
         bad("finetune.dropout", "must be in [0, 1)")
+    if ft.init not in ("auto", "imagenet", "he"):
+        bad("finetune.init", f"must be auto, imagenet or he, got {ft.init!r}")
     if not 0 < cfg.test.nms <= 1:
         bad("test.nms", "must be in (0, 1]")
     if cfg.test.box_voting is not None and not 0 < cfg.test.box_voting <= 1:

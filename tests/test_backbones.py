@@ -200,7 +200,7 @@ def test_bad_weight_files_are_one_line_errors(tmp_path):
     _one_line_error(lambda: build_backbone("zf5", tmp_path / "nope.pt"), "nope.pt", "not found")
     _one_line_error(lambda: build_backbone("lite0", missing), str(missing))   # zf5 file for lite0
     _one_line_error(lambda: build_backbone("resnet"), "resnet", "zf5")
-    _one_line_error(lambda: build_backbone("zf5", "imagenet"), "zf5")
+    # zf5/vgg16 "imagenet" without the fetched files: tests/test_weights.py (with an isolated torch hub)
 
 
 def test_vgg16_never_downloads(tmp_path, monkeypatch):

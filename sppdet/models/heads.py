@@ -42,14 +42,33 @@ class FCHead(nn.Module):
         return self.fc_dims[-1] if self.fc_dims else self.in_dim
 
     def reset_parameters(self) -> None:
-        # The paper starts fc6/fc7 from ImageNet-trained layers; here they are
-        # trained from scratch on SPP features, so He init suits the ReLUs.
+        # He init suits the ReLUs when fc6/fc7 are trained from scratch; the paper starts
+        # them from ImageNet-trained layers instead (load_imagenet_fc, finetune.init).
         for m in self.hidden:
             if isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.zeros_(self.cls_score.bias)
+
+    def load_imagenet_fc(self, fc: dict[str, torch.Tensor]) -> None:
+        """Start fc6/fc7 from ImageNet-trained layers (``fc6.weight``, ``fc6.bias``, ``fc7.weight``,
+        ``fc7.bias``, torch ``Linear`` layout), as the paper does; ``cls_score`` keeps its init.
+
+        Raises:
+            ValueError: the head has not exactly two hidden layers of those shapes.
+        """
+        linears = [m for m in self.hidden if isinstance(m, nn.Linear)]
+        if len(linears) != 2:
+            raise ValueError(f"load_imagenet_fc: the head has {len(linears)} hidden layers, fc6/fc7 need 2")
+        with torch.no_grad():
+            for name, m in zip(("fc6", "fc7"), linears):
+                w, b = fc[f"{name}.weight"], fc[f"{name}.bias"]
+                if tuple(w.shape) != tuple(m.weight.shape) or tuple(b.shape) != tuple(m.bias.shape):
+                    raise ValueError(f"load_imagenet_fc: {name} is {tuple(w.shape)}, the head's layer is "
+                                     f"{tuple(m.weight.shape)}")
+                m.weight.copy_(w)
+                m.bias.copy_(b)
 
     def fc7(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden features (Tensor[N, out_dim]) of pooled features x (Tensor[N, in_dim])."""

@@ -60,6 +60,66 @@ class FinetuneParams(FinetuneConfig):
             raise ValueError(f"FinetuneParams.iterations: expected >= 1, got {self.iterations}")
 
 
+#: ``finetune.init`` values.
+FC_INITS = ("auto", "imagenet", "he")
+
+
+def resolve_fc_init(mode: str, backbone, feature_dim: int, pyramid, context: float,
+                    fc_dims) -> str:
+    """How fc6/fc7 start: ``"imagenet"`` (the backbone's ImageNet fc layers) or ``"he"``.
+
+    ImageNet fc6 (ZFNet's, 9216 inputs) reads pool5, a 6 x 6 max pooling of the whole
+    conv5 map flattened as ``(C, 6, 6)``: exactly sppdet's one-level ``{6}`` pyramid
+    feature (channel-major, then bin row, then bin column).  So ``imagenet`` needs a
+    backbone with ImageNet fc layers (``zf5`` with ``features.weights: imagenet``),
+    ``features.pyramid: [6]``, no context feature, and ``fc_dims: [4096, 4096]``.
+    ``auto`` takes ``imagenet`` where all of that holds, else ``he``.
+
+    Raises:
+        ConfigError: ``imagenet`` asked for where it cannot apply (one line, saying why).
+    """
+    from ..errors import ConfigError
+
+    if mode not in FC_INITS:
+        raise ConfigError(f"finetune.init: must be one of {', '.join(FC_INITS)}, got {mode!r}")
+    if mode == "he":
+        return "he"
+    fc_file = getattr(backbone, "imagenet_fc_file", None)
+    why = []
+    if fc_file is None:
+        why.append(f"backbone {backbone.name} ({backbone.weights_source} weights) has no ImageNet fc layers "
+                   "(zf5 with features.weights: imagenet has)")
+    if [int(n) for n in pyramid] != [6] or context:
+        why.append(f"the pyramid must be [6] without context (got {list(pyramid)}"
+                   f"{', context ' + str(context) if context else ''})")
+    if int(feature_dim) != 9216:
+        why.append(f"the pooled feature has {feature_dim} values, fc6 takes 9216")
+    if [int(d) for d in fc_dims] != [4096, 4096]:
+        why.append(f"finetune.fc_dims must be [4096, 4096] (got {list(fc_dims)})")
+    if not why:
+        from ..models.weights import zf5_fc_file
+
+        if not zf5_fc_file(fc_file).is_file():
+            why.append(f"{zf5_fc_file(fc_file)} is missing (rerun 'sppdet weights fetch zf5')")
+    if why:
+        if mode == "imagenet":
+            raise ConfigError(f"finetune.init: imagenet cannot apply: {'; '.join(why)}")
+        (log.info if fc_file is not None else log.debug)("fine-tuning: fc6/fc7 start from He init (%s)",
+                                                         "; ".join(why))
+        return "he"
+    return "imagenet"
+
+
+def init_fc_head(head: nn.Module, used: str, backbone) -> None:
+    """Initialise ``head`` as :func:`resolve_fc_init` decided (He: its own reset)."""
+    head.reset_parameters()
+    if used == "imagenet":
+        from ..models.weights import load_zf5_fc, zf5_fc_file
+
+        head.load_imagenet_fc(load_zf5_fc(backbone.imagenet_fc_file))
+        log.info("fine-tuning: fc6/fc7 start from ImageNet (%s)", zf5_fc_file(backbone.imagenet_fc_file))
+
+
 def sample_windows(windows: ImageWindows, num: int, fg_fraction: float, fg_iou: float,
                    bg_low: float, bg_high: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``num`` windows of one image for a fine-tuning mini-batch.

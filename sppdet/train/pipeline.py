@@ -38,7 +38,7 @@ from ..utils.progress import progress
 from ..models.bbox_reg import BBoxRegressors
 from ..models.svm import LinearSVMs
 from .bbox_reg import select_regression_pairs, train_bbox_regressors
-from .finetune import FinetuneParams, finetune
+from .finetune import FinetuneParams, finetune, init_fc_head, resolve_fc_init
 from .svm import SVMParams, WindowSet, feature_scale, train_svms
 from .windows import ImageWindows, build_windows
 
@@ -237,7 +237,9 @@ class Pipeline:
         ft = cfg.finetune
         iters = finetune_iterations(cfg, len(windows))
         head = FCHead(extractor.feature_dim, ft.fc_dims, K, ft.dropout)
-        key = stable_hash([feat_key, dataclasses.asdict(ft), iters, cfg.features.flip, cfg.seed])
+        fc_init = resolve_fc_init(ft.init, backbone, extractor.feature_dim, cfg.features.pyramid,
+                                  cfg.features.context, ft.fc_dims)
+        key = stable_hash([feat_key, dataclasses.asdict(ft), iters, cfg.features.flip, cfg.seed, fc_init])
         state = self._load_stage("finetune", key)
         if state is not None:
             head.load_state_dict(state["head"])
@@ -248,7 +250,7 @@ class Pipeline:
             return head.to(self.device).eval(), key
         params = build.params(FinetuneParams, ft, iterations=iters, flip=cfg.features.flip, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
-        head.reset_parameters()
+        init_fc_head(head, fc_init, backbone)
         extra_modules, extra_groups = None, None
         feature_fn = feats
         if ft.end_to_end:
