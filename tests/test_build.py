@@ -98,7 +98,7 @@ def test_every_feature_setting_reaches_the_extractor_or_is_accounted_for():
     ex = build.extractor(f, build_backbone("zf5", "random"), "cpu", Path("/nonexistent-cache"))
     got = {"scales": list(ex.scales), "max_side": ex.max_side, "pyramid": list(ex.pyramid),
            "cache_dtype": ex.cache_dtype, "mode": ex.mode, "rcnn_size": ex.rcnn_size,
-           "rcnn_context": ex.rcnn_context, "rcnn_batch": ex.rcnn_batch, "memory_cache": ex._mem_size,
+           "rcnn_context": ex.rcnn_context, "rcnn_batch": ex.rcnn_batch, "memory_cache": ex.cache._mem_size,
            "context": ex.context, "context_pyramid": list(ex.context_pyramid)}
     assert set(got) | set(NOT_EXTRACTOR) == {x.name for x in dataclasses.fields(FeatureConfig)}
     for name, value in got.items():

@@ -38,10 +38,8 @@ and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -54,13 +52,11 @@ from ..boxes import flip_boxes
 from ..models.backbones import Backbone
 from ..models.spp import (DEFAULT_LEVELS, choose_scales, project_windows, resize_factor, spp_pool, spp_pool_whole,
                          window_feature_dim)
-from ..utils.io import atomic_path, file_sha1, stable_hash
+from .conv5_cache import CACHE_FORMAT, Conv5Cache
 from ..utils.progress import progress
 
 log = logging.getLogger(__name__)
 
-#: Bump when the content of a cache file would change for the same key.
-CACHE_FORMAT = "sppdet-conv5-v1"
 _FLOAT16_MAX = 65504.0
 
 
@@ -165,10 +161,9 @@ class FeatureExtractor:
         self.rcnn_context = int(rcnn_context)
         self.rcnn_batch = int(rcnn_batch)
         self._torch_dtype = torch.float16 if cache_dtype == "float16" else torch.float32
-        self._mem: OrderedDict[str, tuple[float, torch.Tensor, tuple[int, int]]] = OrderedDict()
-        self._mem_size = int(memory_cache)
-        self._hash_memo: dict[tuple[str, int, int], str] = {}
         self.stats = {"hits_memory": 0, "hits_disk": 0, "computed": 0, "rebuilt": 0}
+        self.cache = Conv5Cache(self.cache_dir, self.backbone, max_side=self.max_side, cache_dtype=cache_dtype,
+                                memory=memory_cache, stats=self.stats)
 
     # ------------------------------------------------------------------ info
     @property
@@ -180,80 +175,6 @@ class FeatureExtractor:
     def __repr__(self) -> str:
         return (f"FeatureExtractor(backbone={self.backbone.name}, mode={self.mode}, scales={self.scales}, "
                 f"max_side={self.max_side}, pyramid={self.pyramid}, dim={self.feature_dim}, device={self.device})")
-
-    # ------------------------------------------------------------ image keys
-    def _image_key(self, src: Any) -> str:
-        """Content hash of an image file (memoised by path, size, mtime) or array."""
-        if isinstance(src, np.ndarray):
-            a = np.ascontiguousarray(src)
-            h = hashlib.sha1(str((a.shape, a.dtype.str)).encode())
-            h.update(a.view(np.uint8).reshape(-1).data)
-            return "a:" + h.hexdigest()
-        p = Path(src)
-        try:
-            st = p.stat()
-        except OSError:
-            # let the decoder raise its one-line ImageDecodeError
-            return "missing:" + str(p)
-        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        if memo not in self._hash_memo:
-            self._hash_memo[memo] = "f:" + file_sha1(p)
-        return self._hash_memo[memo]
-
-    def _map_key(self, image_key: str, scale: int, flip: bool) -> str:
-        bb = self.backbone
-        return stable_hash([CACHE_FORMAT, bb.name, bb.weights_id, image_key, scale, self.max_side, bool(flip),
-                            self.cache_dtype], length=40)
-
-    def _cache_file(self, key: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        bb = self.backbone
-        return self.cache_dir / f"{bb.name}-{str(bb.weights_id)[:8]}" / key[:2] / f"{key}.npz"
-
-    # ------------------------------------------------------------ disk cache
-    def _load_entry(self, key: str, scale: int) -> tuple[float, torch.Tensor, tuple[int, int]] | None:
-        f = self._cache_file(key)
-        if f is None or not f.is_file():
-            return None
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                stored_key = str(z["key"])
-                fmap = z["fmap"]
-                factor = float(z["factor"])
-                size = tuple(int(v) for v in z["size"])
-            problem = None
-            if stored_key != key:
-                problem = "holds another key (stale)"
-            elif fmap.ndim != 3 or fmap.shape[0] != self.backbone.out_channels or fmap.dtype != np.dtype(
-                    self.cache_dtype):
-                problem = f"has a {fmap.dtype} map of shape {fmap.shape}"
-            elif len(size) != 2 or factor != resize_factor(size[0], size[1], scale, self.max_side):
-                problem = "has an inconsistent resize factor"
-        except Exception as e:  # truncated zip, missing array, garbage bytes ...
-            problem = f"is unreadable ({type(e).__name__}: {str(e)[:80]})"
-        if problem:
-            log.warning("%s: conv5 cache file %s; rebuilding it", f, problem)
-            self.stats["rebuilt"] += 1
-            return None
-        return factor, torch.from_numpy(fmap), (size[0], size[1])
-
-    def _save_entry(self, key: str, factor: float, fmap: torch.Tensor, size: tuple[int, int]) -> None:
-        f = self._cache_file(key)
-        if f is None:
-            return
-        with atomic_path(f, suffix=".npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, fmap=fmap.numpy(), factor=np.float64(factor), size=np.asarray(size, np.int64),
-                         key=np.str_(key))
-
-    def _remember(self, key: str, entry: tuple[float, torch.Tensor, tuple[int, int]]) -> None:
-        if self._mem_size <= 0:
-            return
-        self._mem[key] = entry
-        self._mem.move_to_end(key)
-        while len(self._mem) > self._mem_size:
-            self._mem.popitem(last=False)
 
     # -------------------------------------------------------------- compute
     @staticmethod
@@ -299,22 +220,12 @@ class FeatureExtractor:
     def _maps(self, image_id: str | None, src: Any, flip: bool) -> tuple[list[tuple[float, torch.Tensor]],
                                                                         tuple[int, int]]:
         """Stored (cache-dtype, CPU) maps of every scale and the original (H, W)."""
-        ikey = self._image_key(src) if (image_id is not None or not isinstance(src, np.ndarray)) else None
-        keys = [self._map_key(ikey, s, flip) if ikey else None for s in self.scales]
+        cache = self.cache
+        ikey = cache.image_key(src) if (image_id is not None or not isinstance(src, np.ndarray)) else None
+        keys = [cache.map_key(ikey, s, flip) if ikey else None for s in self.scales]
         entries: list[tuple[float, torch.Tensor, tuple[int, int]] | None] = []
         for k, s in zip(keys, self.scales):
-            e = None
-            if k is not None:
-                e = self._mem.get(k)
-                if e is not None:
-                    self._mem.move_to_end(k)
-                    self.stats["hits_memory"] += 1
-                else:
-                    e = self._load_entry(k, s)
-                    if e is not None:
-                        self.stats["hits_disk"] += 1
-                        self._remember(k, e)
-            entries.append(e)
+            entries.append(cache.get(k, s) if k is not None else None)
         if any(e is None for e in entries):
             image = self._load_image(src)
             if flip:
@@ -328,8 +239,7 @@ class FeatureExtractor:
                 entries[i] = (f, stored, size)
                 self.stats["computed"] += 1
                 if k is not None:
-                    self._save_entry(k, f, stored, size)
-                    self._remember(k, entries[i])
+                    cache.put(k, entries[i])
         size = entries[0][2]
         return [(e[0], e[1]) for e in entries], size
 
@@ -472,8 +382,8 @@ class FeatureExtractor:
         """Whether every scale's map of this image has a cache file (not validated)."""
         if self.cache_dir is None:
             return False
-        ikey = self._image_key(path)
-        return all(self._cache_file(self._map_key(ikey, s, flip)).is_file() for s in self.scales)
+        ikey = self.cache.image_key(path)
+        return all(self.cache.has_file(self.cache.map_key(ikey, s, flip)) for s in self.scales)
 
     def precompute(self, dataset: Iterable[Any], flip: bool = False, progress: bool = True) -> dict[str, int]:
         """Compute (or find) the conv5 maps of every image of a split; resumable.
@@ -519,10 +429,10 @@ class FeatureExtractor:
             raise ValueError("num_windows: one count per record expected")
         total, missing = 0, 0
         for rec in records:
-            ikey = self._image_key(rec.path)
+            ikey = self.cache.image_key(rec.path)
             for flip in flips:
                 for s in self.scales:
-                    f = self._cache_file(self._map_key(ikey, s, flip)) if self.cache_dir else None
+                    f = self.cache.cache_file(self.cache.map_key(ikey, s, flip)) if self.cache_dir else None
                     if f is not None and f.is_file():
                         total += os.path.getsize(f)
                     else:
