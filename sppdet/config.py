@@ -278,8 +278,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                _seen: tuple[Path, ...] = ()) -> Config:
-    """Load a config file (strict), following ``_base_``, then apply ``overrides``."""
+                _seen: tuple[Path, ...] = (), *, where: str = "override") -> Config:
+    """Load a config file (strict), following ``_base_``, then apply ``overrides`` (errors name
+    them as ``where``, e.g. ``--set``)."""
     cfg = Config()
     if path is not None:
         p = resolve_config_path(path).resolve()
@@ -297,7 +298,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
     if overrides:
-        cfg = merge(cfg, overrides, "override")
+        cfg = merge(cfg, overrides, where)
     validate(cfg)
     return cfg
 
@@ -344,7 +345,7 @@ def config_from_sets(path: str | Path | None = None, sets: list[str] | tuple[str
         updates = deep_update(updates, {"cache_dir": str(cache)})
     if workers is not None:
         updates = deep_update(updates, {"proposals": {"workers": workers}})
-    return load_config(path, updates or None)
+    return load_config(path, updates or None, where="--set")
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

@@ -329,7 +329,7 @@ def test_cli_bad_image_exit_2_one_line(voc, tmp_path, capsys):
     (["--shard", "0/2"], "--shard"),
     (["--mode", "nope"], "--mode"),
     (["--set", "proposals.overrides.ks=[x]"], "ks"),
-    (["--set", "ks=100"], "'ks'"),                 # the one grammar: section.key=value
+    (["--set", "ks=100"], "--set: unknown key 'ks'"),    # the one grammar: section.key=value
     (["--set", "proposals.mode=nope"], "nope"),
     (["--max-boxes", "-1"], "--max-boxes"),
 ])
