@@ -112,8 +112,11 @@ def preset(cfg: Config) -> Preset:
 
 
 def backbone(cfg: Config) -> Backbone:
-    """The backbone ``features.backbone`` names, with ``features.weights``."""
-    return build_backbone(cfg.features.backbone, cfg.features.weights)
+    """The backbone ``features.backbone`` names, with ``features.weights`` (a path's ``~`` expanded)."""
+    w = cfg.features.weights
+    if isinstance(w, str) and w.startswith("~"):
+        w = str(Path(w).expanduser())
+    return build_backbone(cfg.features.backbone, w)
 
 
 def extractor(features: FeatureConfig, backbone: Backbone, device: torch.device | str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
@@ -48,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options that name files or folders: a leading ``~`` is expanded once, here, for every command.
+PATH_OPTIONS = ("config", "data", "out", "checkpoint", "results", "report", "cache", "plots", "proposals",
+                "annotations", "inputs")
+
+
+def expand_user_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """``~`` and ``~user`` at the start of every path option (and of each ``detect`` input)."""
+    def expand(v):
+        return os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+
+    for name in PATH_OPTIONS:
+        v = getattr(args, name, None)
+        if isinstance(v, list):
+            setattr(args, name, [expand(x) for x in v])
+        elif v is not None:
+            setattr(args, name, expand(v))
+    return args
+
+
 def verbosity(args: argparse.Namespace) -> int:
     """0 with ``-q`` (warnings), 1 by default and with ``-v`` (progress), 2 with ``-vv`` (debug)."""
     return 0 if args.quiet else max(1, args.verbose)
@@ -57,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from .utils.log import setup_logging
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = expand_user_paths(parser.parse_args(argv))
     setup_logging(verbosity(args))
     try:
         rc = args.func(args)

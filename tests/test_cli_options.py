@@ -51,3 +51,19 @@ def test_proposals_and_recall_take_a_training_config(tmp_path, capsys):
     assert want == default_store_path(cache, train_set, build.preset(cfg).key(), 40)
     assert want.is_file(), sorted(str(p) for p in cache.rglob("*.npz"))
     assert str(want) in capsys.readouterr().out
+
+
+def test_tilde_is_expanded_in_every_path_option(monkeypatch, tmp_path):
+    from sppdet.cli import expand_user_paths
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = build_parser()
+    args = expand_user_paths(parser.parse_args(
+        ["detect", "--checkpoint", "~/run/model.pt", "~/a.jpg", "b.jpg", "--out", "~/det", "--cache", "~/c"]))
+    assert args.checkpoint == f"{tmp_path}/run/model.pt" and args.out == f"{tmp_path}/det"
+    assert args.inputs == [f"{tmp_path}/a.jpg", "b.jpg"] and args.cache == f"{tmp_path}/c"
+    args = expand_user_paths(parser.parse_args(["train", "--config", "~/c.yaml", "--data", "~/voc", "--out", "~/r"]))
+    assert (args.config, args.data, args.out) == (f"{tmp_path}/c.yaml", f"{tmp_path}/voc", f"{tmp_path}/r")
+    args = expand_user_paths(parser.parse_args(["evaluate", "--data", "d", "--split", "s", "--results", "~/res",
+                                                "--plots", "~/p"]))
+    assert (args.data, args.results, args.plots) == ("d", f"{tmp_path}/res", f"{tmp_path}/p")
