@@ -77,8 +77,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         if is_zip or looks_pickled:
-            raise CheckpointError(f"{path}: contains Python objects (pickled classes or functions); refusing "
-                                  "to load it (an sppdet checkpoint holds only tensors and plain values)") from None
+            raise CheckpointError(f"{path}: contains Python objects; refusing to load it (an sppdet checkpoint "
+                                  "holds only tensors and plain values, never pickled classes or functions)") from None
         raise CheckpointError(f"{path}: not an sppdet checkpoint (not a PyTorch checkpoint file)") from None
     except Exception:  # truncated zip, garbage, ...
         if is_zip:

@@ -363,7 +363,7 @@ def validate(cfg: Config) -> None:
     # ---- top level
     if not cfg.name or "/" in cfg.name or "\\" in cfg.name:
         bad("name", f"must be a non-empty name without path separators, got {cfg.name!r}")
-    num("seed", cfg.seed, lo=0, hi=2 ** 32 - 1)
+    num("seed", cfg.seed, lo=0)
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         bad("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.cache_dir is not None and not cfg.cache_dir.strip():
