@@ -570,6 +570,26 @@ def test_disk_full_keeps_the_previous_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)
 
 
+def test_run_log_on_a_full_disk_is_one_line(tmp_path, capsys):
+    """train.log's handler: a full disk is one warning line, then silence (not a traceback per record)."""
+    import logging
+
+    from sppdet.utils.log import add_log_file
+
+    handler = add_log_file(tmp_path / "train.log")
+    handler.stream = _FullDisk(handler.stream)
+    log = logging.getLogger("sppdet.test")
+    try:
+        for i in range(3):
+            log.warning("record %d", i)
+    finally:
+        logging.getLogger("sppdet").removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.count("train.log: no space left on device") == 1, err
+
+
 def test_byte_order_marks_are_stripped(tmp_path, capsys):
     voc = make_voc(tmp_path / "voc")
     res = write_gt_results({k: v[2] for k, v in FIXTURE.items()}, tmp_path / "res", "test", VOC_CLASSES)
