@@ -72,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `sppdet ... | head`
         return 0
+    except (OSError, RuntimeError) as e:
+        # a full disk in a write that does not go through utils.io's atomic writers
+        # (torch wraps the OSError of a file object in a RuntimeError)
+        from .utils.io import disk_full_cause
+
+        full = disk_full_cause(e)
+        if full is None:
+            raise
+        print(f"sppdet: error: {full.filename or 'a file being written'}: no space left on device", file=sys.stderr)
+        return 2
     logging.shutdown()
     return int(rc or 0)
 

@@ -32,7 +32,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..detect import Detector, detect_images
 
+    from ..utils.io import refuse_output_over_inputs
+
     paths = _expand(args.inputs)
+    refuse_output_over_inputs(args.out, paths)        # before the seconds the detector takes to load
     det = Detector.from_checkpoint(args.checkpoint, device=args.device, cache_dir=args.cache,
                                    test_overrides=test_overrides_from_args(args))
     out = Path(args.out)

@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def resolve_workers(workers: int, n_tasks: int) -> int:
 
 def _run_tasks(records: Sequence[ImageRecord], preset: Preset, max_boxes: int, workers: int,
                parts: PartsDir, keys: Sequence[str], *, skip_bad_images: bool, show_progress: bool,
-               desc: str) -> tuple[list[str], list[float]]:
+               desc: str, on_skip: Callable[[str, str], None] | None = None) -> tuple[list[str], list[float]]:
     """Compute ``records`` and save each to ``parts`` as it finishes.
 
     Returns:
@@ -117,7 +117,10 @@ def _run_tasks(records: Sequence[ImageRecord], preset: Preset, max_boxes: int, w
         if err is not None:
             if not skip_bad_images:
                 raise ImageDecodeError(err)
-            logger.warning("skipping image %s: %s", rec.image_id, err)
+            if on_skip is not None:
+                on_skip(rec.image_id, err)
+            else:
+                logger.warning("skipping image %s: %s", rec.image_id, err)
             skipped.append(rec.image_id)
         else:
             parts.save(keys[pos], boxes)
@@ -154,7 +157,7 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
                       workers: int = 0, out: str | Path | None = None,
                       cache_dir: str | Path | None = None,
                       shard: str | tuple[int, int] | None = None, skip_bad_images: bool = False,
-                      progress: bool = True) -> ProposalStore:
+                      progress: bool = True, on_skip: Callable[[str, str], None] | None = None) -> ProposalStore:
     """Selective-search proposals for every image of ``dataset``, computing only what is missing.
 
     Args:
@@ -168,6 +171,8 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
         skip_bad_images: skip undecodable images with a warning (they are listed
             in ``store.skipped``) instead of raising.
         progress: show a progress bar (images/s, ETA, s/img/core).
+        on_skip: with ``skip_bad_images``, called as ``on_skip(image_id, message)`` for each
+            skipped image instead of logging a warning (for callers that report it themselves).
 
     Returns:
         The store (for a shard: the shard's store, or the merged store once all
@@ -242,7 +247,7 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
     where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
     skipped, seconds = _run_tasks(todo_records, p, max_boxes, nproc, parts, todo_keys,
                                   skip_bad_images=skip_bad_images, show_progress=progress,
-                                  desc=f"selective search {p.name}{where}")
+                                  desc=f"selective search {p.name}{where}", on_skip=on_skip)
     wall = time.perf_counter() - t0
     if seconds:
         logger.info("selective search (%s): %d images in %.1f s with %d process(es): %.2f img/s, "
