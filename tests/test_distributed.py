@@ -269,7 +269,7 @@ def test_torchrun_error_on_one_rank_stops_both_without_losing_work(tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("sppdet: error:")]
     assert len(errors) == 2 and all("img001.jpg" in line for line in errors)
     assert any("rank 1 of 2 failed" in line for line in errors)  # rank 0 names the rank that failed
-    assert "Traceback" not in res.stderr.split("torch.distributed.elastic")[0]
+    assert "/sppdet/" not in res.stderr  # no traceback through sppdet (torchrun adds its own summary)
     assert not out.exists()
     # rank 0's shard (positions 0, 2, 4) is saved: shard file written before the error check
     ds = load_dataset(voc, "train")

@@ -217,6 +217,7 @@ def _compute_ranked(dataset: Dataset, preset: str | Preset, max_boxes: int, *, w
     """
     from ..errors import SppdetError
     from ..utils import dist
+    from ..utils.dist import DistributedError
 
     p = get_preset(preset)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -226,14 +227,22 @@ def _compute_ranked(dataset: Dataset, preset: str | Preset, max_boxes: int, *, w
         PartsDir(path, make_settings(p, max_boxes, dataset)).open()
     dist.barrier()
     err: BaseException | None = None
+    written = None
     try:
-        _compute(dataset, p, max_boxes, workers=workers, out=path, shard=(rank + 1, world), merge=False,
-                 skip_bad_images=skip_bad_images, progress=progress)
+        part = _compute(dataset, p, max_boxes, workers=workers, out=path, shard=(rank + 1, world), merge=False,
+                        skip_bad_images=skip_bad_images, progress=progress)
+        written = str(part.path) if part.path != path else None  # None: the full store already had them
     except SppdetError as e:
         err = e
     dist.raise_if_any(err)
+    written_by = dist.all_gather_object(written)
     if rank == 0:
         try:
+            for r, f in enumerate(written_by):
+                if f is not None and not Path(f).is_file():
+                    raise DistributedError(
+                        f"{f}: rank {r} wrote this shard but rank 0 cannot see it; the store folder "
+                        "(--out / --cache) must be on a filesystem shared by every node")
             store = _compute(dataset, p, max_boxes, workers=workers, out=path, shard=None,
                              skip_bad_images=skip_bad_images, progress=progress)
             # shard files of this world size are merged or superseded by the complete store now
@@ -243,7 +252,11 @@ def _compute_ranked(dataset: Dataset, preset: str | Preset, max_boxes: int, *, w
             err = e
     dist.raise_if_any(err)
     if rank != 0:
-        store = ProposalStore.load(path)
+        try:
+            store = ProposalStore.load(path)
+        except SppdetError as e:  # e.g. a node-local folder: rank 0 wrote the store elsewhere
+            err = e
+    dist.raise_if_any(err)
     return store
 
 
