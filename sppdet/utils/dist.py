@@ -210,8 +210,11 @@ def init(device: str | None = None, timeout_s: float | None = None) -> bool:
 def shutdown() -> None:
     """Destroy the default process group if it is up (safe to call twice)."""
     if is_initialized():
-        with contextlib.suppress(Exception):
+        try:
             torch.distributed.destroy_process_group()
+        except Exception as e:  # pragma: no cover - teardown must not hide the command's result
+            logger.warning("torch.distributed: destroying the process group failed: %s",
+                           " ".join(str(e).split()) or type(e).__name__)
 
 
 def configure_output(verbosity: int) -> None:
@@ -262,10 +265,15 @@ def launch(distributed: bool = True, *, device: str | None = None, verbosity: in
         yield rank == 0
         return
     init(device)
+    ok = False
     try:
         configure_output(verbosity)
         yield True
+        ok = True
     finally:
+        if ok:  # every rank done with its collectives before any rank tears its group down
+            with contextlib.suppress(Exception):
+                barrier()
         shutdown()
         if sys.stdout is not sys.__stdout__ and rank != 0:
             with contextlib.suppress(Exception):
