@@ -30,6 +30,10 @@ COMMANDS = (
     "weights",
 )
 
+#: Commands that use several processes under torchrun (see docs/DISTRIBUTED.md); any other
+#: command launched by torchrun runs on rank 0 alone while the other ranks return at once.
+DISTRIBUTED = frozenset({"proposals", "train"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -55,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .utils import dist
     from .utils.log import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(0 if args.quiet else args.verbose)
+    verbosity = 0 if args.quiet else args.verbose
+    setup_logging(verbosity)
     try:
-        rc = args.func(args)
+        with dist.launch(args.command in DISTRIBUTED, device=getattr(args, "device", None),
+                         verbosity=verbosity, command=args.command) as runs_here:
+            rc = args.func(args) if runs_here else 0
     except SppdetError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sppdet: error: {msg}", file=sys.stderr)

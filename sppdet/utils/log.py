@@ -60,10 +60,18 @@ class _RunLogHandler(logging.FileHandler):
 
 
 def add_log_file(path: str | Path) -> logging.Handler:
-    """Also log (INFO and up, with timestamps) to ``path``; returns the handler to remove later."""
+    """Also log (INFO and up, with timestamps) to ``path``; returns the handler to remove later.
+
+    Under torchrun the lines carry ``[rank r/N]`` and ranks other than 0 write
+    only WARNING and up, so a shared log file reads as one process's.
+    """
+    from .dist import get_rank, get_world_size
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     handler = _RunLogHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(_FMT))
-    handler.setLevel(logging.INFO)
+    rank, world = get_rank(), get_world_size()
+    fmt = _FMT if world <= 1 else _FMT.replace("%(levelname)s", f"[rank {rank}/{world}] %(levelname)s")
+    handler.setFormatter(logging.Formatter(fmt))
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logging.getLogger("sppdet").addHandler(handler)
     return handler
