@@ -31,6 +31,10 @@ COMMANDS = (
     "weights",
 )
 
+#: Commands that use several processes under torchrun (see docs/DISTRIBUTED.md); any other
+#: command launched by torchrun runs on rank 0 alone while the other ranks return at once.
+DISTRIBUTED = frozenset({"proposals", "train"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -74,13 +78,17 @@ def verbosity(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .utils import dist
     from .utils.log import setup_logging
 
     parser = build_parser()
     args = expand_user_paths(parser.parse_args(argv))
-    setup_logging(verbosity(args))
+    level = verbosity(args)
+    setup_logging(level)
     try:
-        rc = args.func(args)
+        with dist.launch(args.command in DISTRIBUTED, device=getattr(args, "device", None),
+                         verbosity=level, command=args.command) as runs_here:
+            rc = args.func(args) if runs_here else 0
     except SppdetError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sppdet: error: {msg}", file=sys.stderr)
@@ -91,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `sppdet ... | head`
         return 0
+    except (OSError, RuntimeError) as e:
+        # a full disk in a write that does not go through utils.io's atomic writers
+        # (torch wraps the OSError of a file object in a RuntimeError)
+        from .utils.io import disk_full_cause
+
+        full = disk_full_cause(e)
+        if full is None:
+            raise
+        print(f"sppdet: error: {full.filename or 'a file being written'}: no space left on device", file=sys.stderr)
+        return 2
     logging.shutdown()
     return int(rc or 0)
 

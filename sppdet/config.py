@@ -14,6 +14,7 @@ to the file, or a bundled name); keys in the file override the base.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -355,54 +356,159 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
+def _check_number(key: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+                  lo_open: bool = False, hi_open: bool = False, what: str = "") -> None:
+    """``value`` is a finite number within [lo, hi] (``lo_open``/``hi_open``: that end excluded)."""
+    if lo is not None and hi is not None:
+        want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        want = f"{'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        want = f"{'<' if hi_open else '<='} {hi:g}"
+    else:
+        want = "a finite number"
+    ok = value is not None and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise ConfigError(f"{key}: must be {want}{what}, got {value}")
+
+
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
+    """Value checks that types alone cannot express: every numeric setting is range-checked here,
+    when the config is loaded, so a nonsense value fails before any stage runs."""
 
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
-    if cfg.data.format not in ("voc", "coco"):
-        bad("data.format", f"must be voc or coco, got {cfg.data.format!r}")
-    backbones = ("zf5", "zf5-zfnet", "vgg16", "lite0", "lite0-c4", "lite0-dilated", "lite0-cat")
-    if cfg.features.backbone not in backbones:
-        bad("features.backbone", f"must be one of {', '.join(backbones)}, got {cfg.features.backbone!r}")
-    if cfg.features.mode not in ("spp", "rcnn"):
-        bad("features.mode", f"must be spp or rcnn, got {cfg.features.mode!r}")
-    if not cfg.features.scales or any(s <= 0 for s in cfg.features.scales):
-        bad("features.scales", f"must be a non-empty list of positive sizes, got {cfg.features.scales}")
-    if not cfg.features.pyramid or any(n <= 0 for n in cfg.features.pyramid):
-        bad("features.pyramid", f"must be a non-empty list of positive bin counts, got {cfg.features.pyramid}")
-    if cfg.features.cache_dtype not in ("float16", "float32"):
-        bad("features.cache_dtype", f"must be float16 or float32, got {cfg.features.cache_dtype!r}")
-    if cfg.features.context and not cfg.features.context > 1:
-        bad("features.context", f"must be 0 (off) or a factor > 1, got {cfg.features.context}")
-    if cfg.features.context and cfg.features.mode != "spp":
-        bad("features.context", "works in spp mode only")
-    if not cfg.features.context_pyramid or any(n <= 0 for n in cfg.features.context_pyramid):
-        bad("features.context_pyramid", f"must be a non-empty list of positive bin counts, got {cfg.features.context_pyramid}")
-    if not cfg.features.pooled_memory_gb >= 0:
-        bad("features.pooled_memory_gb", f"must be >= 0 (0: off), got {cfg.features.pooled_memory_gb}")
-    if cfg.proposals.max_boxes <= 0:
-        bad("proposals.max_boxes", "must be positive")
-    if cfg.svm.solver not in ("liblinear", "torch"):
-        bad("svm.solver", f"must be liblinear or torch, got {cfg.svm.solver!r}")
-    if cfg.svm.features not in ("fc7", "spp"):
-        bad("svm.features", f"must be fc7 or spp, got {cfg.svm.features!r}")
-    if cfg.svm.features == "fc7" and not cfg.finetune.enabled:
-        # fc7 without fine-tuning is allowed (random fc layers would be useless, so use spp)
-        bad("svm.features", "fc7 needs finetune.enabled: true (use svm.features: spp without fine-tuning)")
-    ft = cfg.finetune
-    if not 0 < ft.fg_fraction <= 1:
-        bad("finetune.fg_fraction", "must be in (0, 1]")
-    if not 0 <= ft.bg_iou_low < ft.bg_iou_high <= ft.fg_iou:
-        bad("finetune.bg_iou_low", "need 0 <= bg_iou_low < bg_iou_high <= fg_iou")
-    if not 0 <= ft.dropout < 1:
-        bad("finetune.dropout", "must be in [0, 1)")
-    if ft.init not in ("auto", "imagenet", "he"):
-        bad("finetune.init", f"must be auto, imagenet or he, got {ft.init!r}")
-    if not 0 < cfg.test.nms <= 1:
-        bad("test.nms", "must be in (0, 1]")
-    if cfg.test.box_voting is not None and not 0 < cfg.test.box_voting <= 1:
-        bad("test.box_voting", "must be null or in (0, 1]")
+    num = _check_number
+    # ---- top level
+    if not cfg.name or "/" in cfg.name or "\\" in cfg.name:
+        bad("name", f"must be a non-empty name without path separators, got {cfg.name!r}")
+    num("seed", cfg.seed, lo=0)
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         bad("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.cache_dir is not None and not cfg.cache_dir.strip():
+        bad("cache_dir", "must be a folder or null, not empty")
+    # ---- data
+    d = cfg.data
+    if d.format not in ("voc", "coco"):
+        bad("data.format", f"must be voc or coco, got {d.format!r}")
+    for key, split in (("data.train_split", d.train_split), ("data.test_split", d.test_split)):
+        reason = _plain_name_reason(split)
+        if reason:
+            bad(key, f"{split!r} {reason} (a split is a name: ImageSets/Main/<split>.txt)")
+    if d.classes is not None:
+        if not d.classes or any(not c or not c.strip() for c in d.classes):
+            bad("data.classes", f"must be null or a list of non-empty names, got {d.classes}")
+        if len(set(d.classes)) != len(d.classes):
+            bad("data.classes", f"lists a class twice: {d.classes}")
+    # ---- proposals
+    p = cfg.proposals
+    if not p.mode:
+        bad("proposals.mode", "must name a preset (fast, quality, ...)")
+    num("proposals.max_boxes", p.max_boxes, lo=1)
+    num("proposals.workers", p.workers, lo=0, what=" (0: all cores)")
+    # ---- features
+    f = cfg.features
+    backbones = ("zf5", "zf5-zfnet", "vgg16", "lite0", "lite0-c4", "lite0-dilated", "lite0-cat")
+    if f.backbone not in backbones:
+        bad("features.backbone", f"must be one of {', '.join(backbones)}, got {f.backbone!r}")
+    if f.weights is not None and not f.weights.strip():
+        bad("features.weights", "must be null (default weights), 'random' or a file, not empty")
+    if f.mode not in ("spp", "rcnn"):
+        bad("features.mode", f"must be spp or rcnn, got {f.mode!r}")
+    if not f.scales or any(s <= 0 for s in f.scales):
+        bad("features.scales", f"must be a non-empty list of positive sizes, got {f.scales}")
+    num("features.max_side", f.max_side, lo=1)
+    if not f.pyramid or any(n <= 0 for n in f.pyramid):
+        bad("features.pyramid", f"must be a non-empty list of positive bin counts, got {f.pyramid}")
+    if f.cache_dtype not in ("float16", "float32"):
+        bad("features.cache_dtype", f"must be float16 or float32, got {f.cache_dtype!r}")
+    num("features.rcnn_size", f.rcnn_size, lo=1)
+    num("features.rcnn_context", f.rcnn_context, lo=0)
+    if 2 * f.rcnn_context >= f.rcnn_size:
+        bad("features.rcnn_context", f"{f.rcnn_context} leaves nothing of a {f.rcnn_size}-px warp "
+            "(need 2 * rcnn_context < rcnn_size)")
+    num("features.rcnn_batch", f.rcnn_batch, lo=1)
+    num("features.memory_cache", f.memory_cache, lo=0)
+    num("features.pooled_memory_gb", f.pooled_memory_gb, lo=0, what=" (0: off)")
+    num("features.context", f.context, lo=0)
+    if f.context and not f.context > 1:
+        bad("features.context", f"must be 0 (off) or a factor > 1, got {f.context}")
+    if f.context and f.mode != "spp":
+        bad("features.context", "works in spp mode only")
+    if not f.context_pyramid or any(n <= 0 for n in f.context_pyramid):
+        bad("features.context_pyramid", f"must be a non-empty list of positive bin counts, got {f.context_pyramid}")
+    # ---- fine-tuning
+    ft = cfg.finetune
+    if any(n <= 0 for n in ft.fc_dims):
+        bad("finetune.fc_dims", f"must be positive layer widths, got {ft.fc_dims}")
+    num("finetune.dropout", ft.dropout, lo=0, hi=1, hi_open=True)
+    if ft.init not in ("auto", "imagenet", "he"):
+        bad("finetune.init", f"must be auto, imagenet or he, got {ft.init!r}")
+    num("finetune.iterations", ft.iterations, lo=0, what=" (0: scaled to the dataset)")
+    num("finetune.iterations_per_image", ft.iterations_per_image, lo=0)
+    num("finetune.min_iterations", ft.min_iterations, lo=0)
+    num("finetune.max_iterations", ft.max_iterations, lo=1)
+    if ft.min_iterations > ft.max_iterations:
+        bad("finetune.min_iterations", f"{ft.min_iterations} is above finetune.max_iterations {ft.max_iterations}")
+    num("finetune.batch_size", ft.batch_size, lo=1)
+    num("finetune.images_per_batch", ft.images_per_batch, lo=1)
+    if ft.images_per_batch > ft.batch_size:
+        bad("finetune.images_per_batch", f"{ft.images_per_batch} is above finetune.batch_size {ft.batch_size}")
+    num("finetune.fg_fraction", ft.fg_fraction, lo=0, hi=1, lo_open=True)
+    num("finetune.fg_iou", ft.fg_iou, lo=0, hi=1, lo_open=True)
+    num("finetune.bg_iou_low", ft.bg_iou_low, lo=0, hi=1)
+    num("finetune.bg_iou_high", ft.bg_iou_high, lo=0, hi=1)
+    if not 0 <= ft.bg_iou_low < ft.bg_iou_high <= ft.fg_iou:
+        bad("finetune.bg_iou_low", "need 0 <= bg_iou_low < bg_iou_high <= fg_iou")
+    num("finetune.lr", ft.lr, lo=0, lo_open=True)
+    num("finetune.lr_step_fraction", ft.lr_step_fraction, lo=0, hi=1)
+    num("finetune.momentum", ft.momentum, lo=0, hi=1, hi_open=True)
+    num("finetune.weight_decay", ft.weight_decay, lo=0)
+    num("finetune.conv_lr_mult", ft.conv_lr_mult, lo=0)
+    # ---- SVMs
+    sv = cfg.svm
+    if sv.solver not in ("liblinear", "torch"):
+        bad("svm.solver", f"must be liblinear or torch, got {sv.solver!r}")
+    if sv.features not in ("fc7", "spp"):
+        bad("svm.features", f"must be fc7 or spp, got {sv.features!r}")
+    if sv.features == "fc7" and not ft.enabled:
+        # fc7 without fine-tuning is allowed (random fc layers would be useless, so use spp)
+        bad("svm.features", "fc7 needs finetune.enabled: true (use svm.features: spp without fine-tuning)")
+    num("svm.C", sv.C, lo=0, lo_open=True)
+    num("svm.pos_weight", sv.pos_weight, lo=0, lo_open=True)
+    num("svm.bias_multiplier", sv.bias_multiplier, lo=0, lo_open=True)
+    num("svm.feature_norm", sv.feature_norm, lo=0, lo_open=True)
+    num("svm.neg_iou", sv.neg_iou, lo=0, hi=1)
+    num("svm.hard_threshold", sv.hard_threshold)
+    num("svm.evict_threshold", sv.evict_threshold)
+    if sv.evict_threshold > sv.hard_threshold:
+        bad("svm.evict_threshold", f"{sv.evict_threshold} is above svm.hard_threshold {sv.hard_threshold}")
+    num("svm.retrain_images", sv.retrain_images, lo=0, what=" (0: auto)")
+    num("svm.retrain_limit", sv.retrain_limit, lo=0)
+    num("svm.max_negatives_first", sv.max_negatives_first, lo=0, what=" (0: all)")
+    num("svm.passes", sv.passes, lo=1)
+    num("svm.tol", sv.tol, lo=0, lo_open=True)
+    num("svm.max_iter", sv.max_iter, lo=1)
+    # ---- box regression
+    num("bbox_reg.min_iou", cfg.bbox_reg.min_iou, lo=0, hi=1, lo_open=True)
+    num("bbox_reg.lam", cfg.bbox_reg.lam, lo=0)
+    # ---- test
+    t = cfg.test
+    num("test.nms", t.nms, lo=0, hi=1, lo_open=True)
+    num("test.max_per_image", t.max_per_image, lo=1)
+    if t.score_threshold is not None:
+        num("test.score_threshold", t.score_threshold, what=" (an SVM margin) or null")
+    if t.box_voting is not None:
+        num("test.box_voting", t.box_voting, lo=0, hi=1, lo_open=True, what=" or null")
+    num("test.batch_images", t.batch_images, lo=1)
+
+
+def _plain_name_reason(name: str) -> str | None:
+    from .utils.io import unsafe_name_reason
+
+    return unsafe_name_reason(name)

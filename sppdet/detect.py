@@ -257,7 +257,8 @@ class Detector:
         out: dict[str, Detections] = {}
         for rec in progress(dataset.records, desc="detect", unit="img", disable=None if show_progress else True):
             if rec.image_id not in store:
-                log.warning("%s: skipped (no proposals: the image could not be decoded)", rec.path)
+                # already reported once, as the proposal stage skipped it
+                log.debug("%s: skipped (no proposals: the image could not be decoded)", rec.path)
                 continue
             boxes = store[rec.image_id]
             try:
@@ -322,23 +323,36 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
 
     Proposals for all images are computed first, in parallel, through the proposal
     store.  Yields ``(path, list_of_detection_dicts)`` per image, in input order, or
-    ``(path, ImageDecodeError)`` for an image that cannot be decoded (the rest go on).
+    ``(path, ImageDecodeError)`` for an image that cannot be decoded (the rest go on;
+    each such image is reported once, by that error).
+
+    Two inputs with the same stem (``a/x.jpg``, ``b/x.png``) get ``x``, ``x_1``, ...
+    (never a name another input already has), each logged with the input it came
+    from; every JSON names its input in ``"image"``.
+
+    Raises:
+        SppdetError: ``out_dir`` is the folder of one of the inputs (the drawn copies
+            could replace them), checked before anything is written.
     """
     import json
 
     from .proposals import compute_proposals
-    from .utils.io import atomic_write_text
+    from .utils.io import atomic_write_text, refuse_output_over_inputs
     from .visualize import draw_detections, save_image
 
     out = Path(out_dir)
+    refuse_output_over_inputs(out, paths)
     out.mkdir(parents=True, exist_ok=True)
     ds, failed = records_for_images(paths)
+    by_path = {r.path: r for r in ds.records}
     store = None
     if ds.records:
+        by_id = {r.image_id: r.path for r in ds.records}
         store = compute_proposals(ds, det.preset, det.max_boxes, workers=det.workers,
-                                  cache_dir=det.cache_dir, skip_bad_images=True, progress=show_progress)
-    by_path = {r.path: r for r in ds.records}
-    used: dict[str, int] = {}
+                                  cache_dir=det.cache_dir, skip_bad_images=True, progress=show_progress,
+                                  on_skip=lambda image_id, msg: failed.__setitem__(by_id[image_id],
+                                                                                   ImageDecodeError(msg)))
+    names = _output_names(paths)
     for p in paths:
         if p in failed:
             yield p, failed[p]
@@ -354,9 +368,11 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
         keep = d["scores"] >= threshold if threshold is not None else np.ones(len(d["scores"]), bool)
         d = {k: v[keep] for k, v in d.items()}
         items = detections_to_json(d, det.classes)
-        stem = p.stem if p.stem not in used else f"{p.stem}_{used[p.stem]}"
-        used[p.stem] = used.get(p.stem, 0) + 1
-        head = json.dumps({"image": str(p), "width": int(image.shape[1]), "height": int(image.shape[0])})
+        stem = names[p]
+        info = {"image": str(p), "width": int(image.shape[1]), "height": int(image.shape[0])}
+        if stem != p.stem:
+            info["output_name"] = stem
+        head = json.dumps(info)
         body = ",\n  ".join(json.dumps(d) for d in items)
         atomic_write_text(out / f"{stem}.json",
                           head[:-1] + ', "detections": [' + (f"\n  {body}\n" if items else "") + "]}\n")
@@ -364,3 +380,29 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
             save_image(draw_detections(image, d["boxes"], d["labels"], d["scores"], det.classes),
                        out / f"{stem}.jpg")
         yield p, items
+
+
+def _output_names(paths: list[Path]) -> dict[Path, str]:
+    """Output stem of each input: its own stem, or ``<stem>_<n>`` when an earlier input has it.
+
+    A renamed input is logged with the input that holds the name, and the new name is
+    never one that another input's own stem gives (``a.jpg``, ``x/a.png``, ``a_1.jpg``
+    become ``a``, ``a_2``, ``a_1``).
+    """
+    own = {p.stem.lower() for p in paths}
+    taken: dict[str, Path] = {}
+    out: dict[Path, str] = {}
+    for p in paths:
+        if p in out:
+            continue
+        stem = p.stem
+        if stem.lower() in taken:
+            n = 1
+            while f"{stem}_{n}".lower() in taken or f"{stem}_{n}".lower() in own:
+                n += 1
+            log.warning("%s: output name %s is taken by the input %s; writing this one's results as %s_%d",
+                        p, stem, taken[stem.lower()], stem, n)
+            stem = f"{stem}_{n}"
+        taken[stem.lower()] = p
+        out[p] = stem
+    return out

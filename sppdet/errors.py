@@ -33,3 +33,7 @@ class CacheError(SppdetError):
 
 class CheckpointError(SppdetError):
     """A checkpoint file is missing, corrupt, or from an incompatible version."""
+
+
+class DiskFullError(SppdetError):
+    """The disk (or quota) filled up while writing a file; the message names the file."""

@@ -70,7 +70,14 @@ def _dashed_rect(draw: ImageDraw.ImageDraw, box, colour, width: int, dash: int =
 
 
 def save_image(img: Image.Image, path: str | Path, quality: int = 90) -> Path:
+    """Write ``img`` to ``path`` atomically (format from the suffix; a full disk is a one-line error)."""
+    import io
+
+    from .utils.io import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, quality=quality) if path.suffix.lower() in (".jpg", ".jpeg") else img.save(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=quality) if fmt == "JPEG" else img.save(buf, format=fmt)
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -36,3 +36,29 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+#: Settings of the smallest detector worth training: 4 synthetic images, one small scale,
+#: 50 windows per image, 5 fine-tuning iterations of 32 windows through 32-wide fc layers.
+TINY_TRAIN = [
+    "--set", "features.scales=[160]", "--set", "features.max_side=320", "--set", "features.flip=false",
+    "--set", "proposals.max_boxes=50", "--set", "proposals.workers=1",
+    "--set", "finetune.iterations=5", "--set", "finetune.fc_dims=[32, 32]", "--set", "finetune.batch_size=32",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A detector trained once per test session (about 15 s on a CPU): a dict with ``data`` (the
+    synthetic VOC root: 2 trainval + 2 test images), ``run`` (the run folder), ``checkpoint``,
+    ``cache`` and ``args`` (the ``sppdet train`` argv that made it).  Shared: copy before changing."""
+    from sppdet.cli import main
+    from sppdet.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = make_synthetic(root / "data", num_images=4, seed=5)
+    run, cache = root / "run", root / "cache"
+    args = ["-q", "train", "--config", "demo_lite0", "--data", str(data), "--out", str(run),
+            "--cache", str(cache), *TINY_TRAIN]
+    assert main(args) == 0
+    return {"data": data, "run": run, "checkpoint": run / "model.pt", "cache": cache, "args": args}

@@ -8,8 +8,10 @@ from sppdet.errors import CheckpointError
 
 
 def payload():
-    return {"config": {"name": "x"}, "classes": ["a", "b"], "backbone": {"name": "zf5", "weights": None,
-            "weights_id": "abc"}, "svm": {"W": torch.ones(3, 2), "b": torch.zeros(2), "scale": 0.5}}
+    """A checkpoint whose SVMs score 3-d pooled features of 2 classes (no fc layers, no regressors)."""
+    return {"config": {"name": "x", "svm": {"features": "spp"}}, "classes": ["a", "b"], "feature_dim": 3,
+            "backbone": {"name": "zf5", "weights": None, "weights_id": "abc"},
+            "svm": {"W": torch.ones(3, 2), "b": torch.zeros(2), "scale": 0.5}}
 
 
 def test_round_trip(tmp_path):
@@ -27,17 +29,20 @@ class Evil:
 
 @pytest.mark.parametrize("content, needle", [
     (None, "no such checkpoint"),
-    (b"not a zip", "not a readable sppdet checkpoint"),
-    ("evil", "not a readable sppdet checkpoint"),
+    (b"not a zip", "not an sppdet checkpoint (not a PyTorch checkpoint file)"),
+    (b"", "not an sppdet checkpoint (empty file)"),
+    ("evil", "contains Python objects"),
+    ("pickle", "contains Python objects"),
     ({"format": "other"}, "not an sppdet checkpoint"),
     ({"format": FORMAT, "version": 99}, "version 99 is not supported"),
     ({"format": FORMAT, "version": VERSION, "config": {}}, "missing 'classes'"),
 ])
 def test_bad_checkpoints_are_one_line_errors(tmp_path, content, needle, capsys):
     p = tmp_path / "m.pt"
-    if content == "evil":
-        p.write_bytes(pickle.dumps({"x": Evil()}))
+    if content == "evil":                 # a torch zip whose pickle names a function
         torch.save({"x": Evil()}, p)
+    elif content == "pickle":             # a bare pickle payload
+        p.write_bytes(pickle.dumps({"x": Evil()}))
     elif isinstance(content, bytes):
         p.write_bytes(content)
     elif isinstance(content, dict):
@@ -45,7 +50,92 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, content, needle, capsys):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(p)
     assert needle in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
-    assert "code ran" not in capsys.readouterr().out      # weights_only: nothing executed
+    assert "weights_only" not in str(e.value)              # never suggest the unsafe way
+    captured = capsys.readouterr()
+    assert "code ran" not in captured.out                  # weights_only: nothing executed
+    assert not captured.err                                # no raw torch warnings either
+
+
+def full_payload(K=3, D=10, dims=(6, 4)):
+    """What the pipeline writes: fc head, fc7 SVMs, box regressors, sizes declared."""
+    from sppdet.models.heads import FCHead
+
+    head = FCHead(D, list(dims), K)
+    return {"config": {"name": "x", "svm": {"features": "fc7"}}, "classes": [f"c{i}" for i in range(K)],
+            "feature_dim": D, "head_dims": list(dims), "head": head.state_dict(),
+            "backbone": {"name": "zf5", "weights": None, "weights_id": "abc"},
+            "svm": {"W": torch.ones(dims[-1], K), "b": torch.zeros(K), "scale": 0.5},
+            "bbox_reg": {"W": torch.zeros(K, D, 4), "b": torch.zeros(K, 4), "mean": torch.zeros(K, 4),
+                         "std": torch.ones(K, 4), "scale": 1.0}}
+
+
+def _drop(d, *keys):
+    sub = d
+    for k in keys[:-1]:
+        sub = sub[k]
+    del sub[keys[-1]]
+
+
+def _set(d, value, *keys):
+    sub = d
+    for k in keys[:-1]:
+        sub = sub[k]
+    sub[keys[-1]] = value
+
+
+TAMPER = [
+    # (what is done to a good checkpoint, expected text)
+    (lambda d: _drop(d, "svm", "W"), "tensor svm.W is missing"),
+    (lambda d: _drop(d, "head", "hidden.3.weight"), "tensor head.hidden.3.weight is missing"),
+    (lambda d: _drop(d, "bbox_reg", "std"), "tensor bbox_reg.std is missing"),
+    (lambda d: _set(d, torch.ones(5, 3), "svm", "W"), "svm.W has shape [5, 3], expected [4, 3]"),
+    (lambda d: _set(d, torch.ones(2), "svm", "b"), "svm.b has shape [2], expected [3]"),
+    (lambda d: _set(d, torch.zeros(6, 11), "head", "hidden.0.weight"),
+     "head.hidden.0.weight has shape [6, 11], expected [6, 10]"),
+    (lambda d: _set(d, torch.zeros(5, 4), "head", "cls_score.weight"),
+     "head.cls_score.weight has shape [5, 4], expected [4, 4] (3 classes + background"),
+    (lambda d: _set(d, torch.zeros(3, 9, 4), "bbox_reg", "W"), "bbox_reg.W has shape [3, 9, 4], expected [3, 10, 4]"),
+    (lambda d: _set(d, torch.ones(4, 3, dtype=torch.float64), "svm", "W"), "svm.W has dtype float64, expected float32"),
+    (lambda d: _set(d, torch.ones(4, 3, dtype=torch.int32), "svm", "W"), "svm.W has dtype int32"),
+    (lambda d: _set(d, torch.full((4, 3), float("nan")), "svm", "W"), "svm.W contains NaN or infinite values"),
+    (lambda d: _set(d, [[1.0] * 3] * 4, "svm", "W"), "svm.W is a list, not a tensor"),
+    (lambda d: _set(d, -1.0, "svm", "scale"), "svm.scale must be a positive number"),
+    (lambda d: _set(d, ["c0", "c1"], "classes"), "cls_score.weight has shape [4, 4], expected [3, 4]"),  # class count
+    (lambda d: _set(d, 12, "feature_dim"), "head.hidden.0.weight has shape [6, 10], expected [6, 12]"),
+    (lambda d: _set(d, [6, 5], "head_dims"), "head.hidden.3.weight has shape [4, 6], expected [5, 6]"),
+    (lambda d: _set(d, torch.zeros(1), "head", "extra.weight"), "unexpected entry head.extra.weight"),
+    (lambda d: _drop(d, "head"), "SVMs score fc7 features but it holds no fc layers"),
+    (lambda d: _drop(d, "feature_dim"), "missing 'feature_dim'"),
+]
+
+
+@pytest.mark.parametrize("tamper, needle", TAMPER, ids=[t[1][:40] for t in TAMPER])
+def test_tampered_checkpoints_are_refused_at_load_time(tmp_path, tamper, needle):
+    good = save_checkpoint(tmp_path / "good.pt", full_payload())
+    assert load_checkpoint(good)["classes"] == ["c0", "c1", "c2"]
+    d = full_payload()
+    tamper(d)
+    p = save_checkpoint(tmp_path / "m.pt", d)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)
+    assert needle in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_backbone_state_is_checked_against_the_backbone(tmp_path):
+    from sppdet.checkpoint import load_module_state
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    state = net.state_dict()
+    load_module_state(net, dict(state), tmp_path / "m.pt", "backbone_state")      # fits
+    for change, needle in ((lambda s: s.pop("0.weight"), "backbone_state.0.weight is missing"),
+                           (lambda s: s.__setitem__("0.weight", torch.zeros(2, 4)), "has shape [2, 4], expected [2, 3]"),
+                           (lambda s: s.__setitem__("0.bias", torch.zeros(2, dtype=torch.float16)), "dtype float16"),
+                           (lambda s: s.__setitem__("1.num_batches_tracked", torch.tensor(1.0)), "expected int64")):
+        bad = dict(state)
+        change(bad)
+        with pytest.raises(CheckpointError) as e:
+            load_module_state(net, bad, tmp_path / "m.pt", "backbone_state")
+        assert needle in str(e.value) and "m.pt" in str(e.value), str(e.value)
 
 
 def _tiny_detector():

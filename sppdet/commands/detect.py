@@ -30,8 +30,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..detect import Detector, detect_images
     from ..errors import SppdetError
+    from ..utils.io import refuse_output_over_inputs
 
     paths = _expand(args.inputs)
+    refuse_output_over_inputs(args.out, paths)        # before the seconds the detector takes to load
     det = Detector.from_checkpoint(args.checkpoint, device=args.device or "auto", cache_dir=args.cache,
                                    test_overrides=test_overrides_from_args(args))
     if args.workers is not None:

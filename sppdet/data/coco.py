@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DatasetError, ImageDecodeError
+from ..utils.io import unsafe_relative_reason
 from .images import image_size
 from .records import Dataset, ImageRecord
 from .voc import sanitize_boxes
@@ -126,6 +127,10 @@ def load_coco(annotations_json: str | Path, image_dir: str | Path,
     for img in progress(data["images"], desc=f"reading {path.name}", unit="img"):
         if "id" not in img or "file_name" not in img:
             raise DatasetError(f"{path}: an image entry lacks 'id' or 'file_name': {str(img)[:80]}")
+        reason = unsafe_relative_reason(str(img["file_name"]))
+        if reason:
+            raise DatasetError(f"{path}: image {img['id']}: file_name {str(img['file_name'])[:80]!r} {reason}; "
+                               f"it must name a file inside the image folder {image_dir}")
         img_path = image_dir / str(img["file_name"])
         try:
             w, h = image_size(img_path)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,11 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from ..errors import ImageDecodeError
 
 logger = logging.getLogger(__name__)
+
+# Pillow warns (DecompressionBombWarning, printed raw by the warnings module) when an image
+# has more than Image.MAX_IMAGE_PIXELS pixels; _open logs that as one warning naming the file
+# instead.  (A filter set once here: warnings.catch_warnings is not thread-safe.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 #: File extensions looked for, in order, when an image id has no ``.jpg`` file.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG",
@@ -88,7 +94,7 @@ def _open(path: Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"{path}: empty image file (0 bytes)")
-        return Image.open(path)
+        img = Image.open(path)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -97,6 +103,23 @@ def _open(path: Path) -> Image.Image:
         raise ImageDecodeError(f"{path}: image too large to decode safely ({_one_line(e)})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"{path}: cannot read image header ({_one_line(e)})") from None
+    _warn_if_huge(path, img)
+    return img
+
+
+#: Files already warned about as very large (each is named once per process).
+_HUGE_WARNED: set[str] = set()
+
+
+def _warn_if_huge(path: Path, img: Image.Image) -> None:
+    """One logged warning naming ``path`` when it has more pixels than Pillow's safety limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit and str(path) not in _HUGE_WARNED:
+        _HUGE_WARNED.add(str(path))
+        logger.warning("%s: very large image (%d x %d = %.0f megapixels, over Pillow's %.0f-megapixel safety "
+                       "limit); decoding it needs about %.1f GB of memory", path, w, h, w * h / 1e6, limit / 1e6,
+                       w * h * 3 / 1e9)
 
 
 def _orientation(img: Image.Image) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..boxes import internal_to_voc, voc_to_internal
 from ..errors import DatasetError, ImageDecodeError
+from ..utils.io import unsafe_name_reason
 from .images import find_image, image_size
 from .records import VOC_CLASSES, Dataset, ImageRecord
 
@@ -56,7 +57,15 @@ class _RawAnnotation:
 
 
 def split_file(root: str | Path, split: str) -> Path:
-    """``ROOT/ImageSets/Main/<split>.txt``."""
+    """``ROOT/ImageSets/Main/<split>.txt``.
+
+    Raises:
+        DatasetError: ``split`` is not a plain name (a path separator, ``..``, NUL, ...),
+            which would point outside ``ROOT/ImageSets/Main``.
+    """
+    reason = unsafe_name_reason(str(split))
+    if reason:
+        raise DatasetError(f"--split {split!r}: {reason}; a split is a name (ROOT/ImageSets/Main/<split>.txt)")
     return Path(root) / "ImageSets" / "Main" / f"{split}.txt"
 
 
@@ -71,12 +80,15 @@ def available_splits(root: str | Path) -> list[str]:
 def read_split(path: str | Path) -> list[str]:
     """Image ids of a split file, in file order.
 
-    Blank lines and surrounding whitespace are ignored; a duplicated id is kept
-    once (with a warning).
+    Blank lines and surrounding whitespace are ignored, and so is a UTF-8 byte-order
+    mark at the start; a duplicated id is kept once (with a warning).
 
     Raises:
-        DatasetError: missing or unreadable file, no ids, or a line with more
-            than one column (e.g. a per-class ``<class>_<split>.txt`` list).
+        DatasetError: missing or unreadable file, no ids, a line with more than
+            one column (e.g. a per-class ``<class>_<split>.txt`` list), or an id that is
+            not a plain file name (a path separator, ``..``, an absolute path, a NUL or
+            control character): ids name files inside the dataset root, and such an id
+            would read (or, as a report name, write) outside it.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,7 +96,7 @@ def read_split(path: str | Path) -> list[str]:
         hint = f" (available splits: {', '.join(avail)})" if avail else ""
         raise DatasetError(f"{path}: split file not found{hint}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read split file ({e})") from None
     ids: list[str] = []
@@ -97,6 +109,10 @@ def read_split(path: str | Path) -> list[str]:
             raise DatasetError(
                 f"{path}:{lineno}: expected one image id per line, got {line.strip()!r} "
                 f"(a per-class list? use ImageSets/Main/<split>.txt)")
+        reason = unsafe_name_reason(parts[0])
+        if reason:
+            raise DatasetError(f"{path}:{lineno}: image id {parts[0]!r} {reason}; an id must be a plain "
+                               "file name inside the dataset root")
         if parts[0] in seen:
             logger.warning("%s:%d: image id %s listed twice; keeping the first", path, lineno, parts[0])
             continue

@@ -72,7 +72,7 @@ def plot_pr_curves(result: EvalResult, out_dir: str | Path, *, prefix: str = "pr
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     overview = out / f"overview_{prefix}.png"
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(overview)
+    _save(fig, overview)
     files.append(overview)
 
     used: set[str] = set()
@@ -94,7 +94,18 @@ def plot_pr_curves(result: EvalResult, out_dir: str | Path, *, prefix: str = "pr
             name = f"{name}_{i}"
         used.add(name.lower())
         f = out / f"{name}.png"
-        fig.savefig(f)
+        _save(fig, f)
         files.append(f)
     log.info("wrote %d PR-curve plots to %s", len(files), out)
     return files
+
+
+def _save(fig, path: Path) -> None:
+    """``fig.savefig`` into memory, then an atomic write (a full disk is a one-line error naming ``path``)."""
+    import io
+
+    from ..utils.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png")
+    atomic_write_bytes(path, buf.getvalue())

@@ -645,11 +645,11 @@ def read_results_file(path: str | Path, *, image_ids: Iterable[str] | None = Non
 
     Raises:
         ResultsError: missing/unreadable file, a line without exactly 6 fields,
-            a non-numeric value, a NaN score, a non-finite coordinate, an unknown image.
+            a non-numeric value, a NaN or infinite score, a non-finite coordinate, an unknown image.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")      # a byte-order mark at the start is dropped
     except FileNotFoundError:
         raise ResultsError(f"{path}: results file not found") from None
     except IsADirectoryError:
@@ -675,6 +675,8 @@ def read_results_file(path: str | Path, *, image_ids: Iterable[str] | None = Non
             raise ResultsError(f"{path}:{n}: non-numeric score or coordinate in {line.strip()[:80]!r}") from None
         if math.isnan(v[0]):
             raise ResultsError(f"{path}:{n}: score is NaN")
+        if not math.isfinite(v[0]):
+            raise ResultsError(f"{path}:{n}: score is infinite ({parts[1]!r}); scores must be finite numbers")
         if not all(math.isfinite(x) for x in v[1:]):
             raise ResultsError(f"{path}:{n}: non-finite coordinate in {line.strip()[:80]!r}")
         if known is not None and parts[0] not in known:

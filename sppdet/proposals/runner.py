@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def resolve_workers(workers: int, n_tasks: int) -> int:
 
 def _run_tasks(records: Sequence[ImageRecord], preset: Preset, max_boxes: int, workers: int,
                parts: PartsDir, keys: Sequence[str], *, skip_bad_images: bool, show_progress: bool,
-               desc: str) -> tuple[list[str], list[float]]:
+               desc: str, on_skip: Callable[[str, str], None] | None = None) -> tuple[list[str], list[float]]:
     """Compute ``records`` and save each to ``parts`` as it finishes.
 
     Returns:
@@ -117,7 +117,10 @@ def _run_tasks(records: Sequence[ImageRecord], preset: Preset, max_boxes: int, w
         if err is not None:
             if not skip_bad_images:
                 raise ImageDecodeError(err)
-            logger.warning("skipping image %s: %s", rec.image_id, err)
+            if on_skip is not None:
+                on_skip(rec.image_id, err)
+            else:
+                logger.warning("skipping image %s: %s", rec.image_id, err)
             skipped.append(rec.image_id)
         else:
             parts.save(keys[pos], boxes)
@@ -154,20 +157,28 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
                       workers: int = 0, out: str | Path | None = None,
                       cache_dir: str | Path | None = None,
                       shard: str | tuple[int, int] | None = None, skip_bad_images: bool = False,
-                      progress: bool = True) -> ProposalStore:
+                      progress: bool = True, on_skip: Callable[[str, str], None] | None = None) -> ProposalStore:
     """Selective-search proposals for every image of ``dataset``, computing only what is missing.
 
     Args:
         dataset: the split (records with ``image_id`` and ``path``).
         preset: preset name or :class:`~sppdet.proposals.presets.Preset`.
         max_boxes: cap on boxes per image (the first in rank order).
-        workers: processes; ``0``: ``os.cpu_count()``; ``1``: in this process.
+        workers: processes; ``0``: ``os.cpu_count()`` (under torchrun: the cores
+            divided among the ranks of this machine); ``1``: in this process.
         out: the store file; default :func:`~sppdet.proposals.store.default_store_path`
             under ``cache_dir`` (default :func:`~sppdet.utils.io.default_cache_dir`).
         shard: ``"i/N"`` or ``(i, N)``: compute only shard ``i`` of ``N`` (1-based).
         skip_bad_images: skip undecodable images with a warning (they are listed
             in ``store.skipped``) instead of raising.
         progress: show a progress bar (images/s, ETA, s/img/core).
+        on_skip: with ``skip_bad_images``, called as ``on_skip(image_id, message)`` for each
+            skipped image instead of logging a warning (for callers that report it themselves).
+
+    Under torchrun (a process group of ``W > 1`` ranks is up, see
+    :mod:`sppdet.utils.dist`) and without ``shard``, rank ``r`` computes shard
+    ``r+1`` of ``W`` with its own workers, rank 0 merges the shards into the one
+    store (the same boxes and ids as one process), and every rank returns it.
 
     Returns:
         The store (for a shard: the shard's store, or the merged store once all
@@ -175,14 +186,94 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
 
     Raises:
         ImageDecodeError: an image cannot be decoded (message names the file)
-            and ``skip_bad_images`` is False.
+            and ``skip_bad_images`` is False (under torchrun: on every rank, or
+            DistributedError naming the failed rank).
         ProposalStoreError: a malformed ``shard``.
     """
+    from ..utils import dist
+
+    if shard is None and dist.get_world_size() > 1:
+        return _compute_ranked(dataset, preset, max_boxes, workers=workers, out=out, cache_dir=cache_dir,
+                               skip_bad_images=skip_bad_images, progress=progress)
+    return _compute(dataset, preset, max_boxes, workers=workers, out=out, cache_dir=cache_dir, shard=shard,
+                    skip_bad_images=skip_bad_images, progress=progress)
+
+
+def _store_path(dataset: Dataset, p: Preset, max_boxes: int, out: str | Path | None,
+                cache_dir: str | Path | None) -> Path:
+    return Path(out) if out is not None else default_store_path(
+        cache_dir if cache_dir is not None else default_cache_dir(), dataset, p.key(), max_boxes)
+
+
+def _compute_ranked(dataset: Dataset, preset: str | Preset, max_boxes: int, *, workers: int,
+                    out: str | Path | None, cache_dir: str | Path | None, skip_bad_images: bool,
+                    progress: bool) -> ProposalStore:
+    """:func:`compute_proposals` on every rank of a process group: shard, merge on rank 0, share.
+
+    1. rank ``r`` runs shard ``r+1`` of ``W`` (shard file + the shared ``.parts``
+       sidecar, so an interrupted run resumes; no automatic merge);
+    2. rank 0 runs the one-process call, which merges the complete shard set
+       (or, when an older store covered some images, takes them from it and the
+       sidecar) and computes only what is still missing -- nothing, normally;
+    3. every rank loads the merged store.
+
+    Each step ends in a collective error check (:func:`~sppdet.utils.dist.raise_if_any`),
+    so a failure on one rank raises on all of them instead of leaving them waiting.
+    """
+    from ..errors import SppdetError
+    from ..utils import dist
+    from ..utils.dist import DistributedError
+
+    p = get_preset(preset)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = _store_path(dataset, p, max_boxes, out, cache_dir)
+    workers = dist.per_rank_workers(workers)
+    if rank == 0:  # the shared sidecar is (re)created once, before any rank writes into it
+        PartsDir(path, make_settings(p, max_boxes, dataset)).open()
+    dist.barrier()
+    err: BaseException | None = None
+    written = None
+    try:
+        part = _compute(dataset, p, max_boxes, workers=workers, out=path, shard=(rank + 1, world), merge=False,
+                        skip_bad_images=skip_bad_images, progress=progress)
+        written = str(part.path) if part.path != path else None  # None: the full store already had them
+    except SppdetError as e:
+        err = e
+    dist.raise_if_any(err)
+    written_by = dist.all_gather_object(written)
+    if rank == 0:
+        try:
+            for r, f in enumerate(written_by):
+                if f is not None and not Path(f).is_file():
+                    raise DistributedError(
+                        f"{f}: rank {r} wrote this shard but rank 0 cannot see it; the store folder "
+                        "(--out / --cache) must be on a filesystem shared by every node")
+            store = _compute(dataset, p, max_boxes, workers=workers, out=path, shard=None,
+                             skip_bad_images=skip_bad_images, progress=progress)
+            # shard files of this world size are merged or superseded by the complete store now
+            for f in find_shards(path).get(world, {}).values():
+                f.unlink(missing_ok=True)
+        except SppdetError as e:
+            err = e
+    dist.raise_if_any(err)
+    if rank != 0:
+        try:
+            store = ProposalStore.load(path)
+        except SppdetError as e:  # e.g. a node-local folder: rank 0 wrote the store elsewhere
+            err = e
+    dist.raise_if_any(err)
+    return store
+
+
+def _compute(dataset: Dataset, preset: str | Preset = "fast", max_boxes: int = 2000, *,
+             workers: int = 0, out: str | Path | None = None, cache_dir: str | Path | None = None,
+             shard: str | tuple[int, int] | None = None, merge: bool = True, skip_bad_images: bool = False,
+             progress: bool = True) -> ProposalStore:
+    """:func:`compute_proposals` in this process only (``merge=False``: a shard never merges the set)."""
     p = get_preset(preset)
     shard_spec = parse_shard(shard)
     settings = make_settings(p, max_boxes, dataset)
-    path = Path(out) if out is not None else default_store_path(
-        cache_dir if cache_dir is not None else default_cache_dir(), dataset, p.key(), max_boxes)
+    path = _store_path(dataset, p, max_boxes, out, cache_dir)
     records = list(dataset.records)
     keys = [image_key(r) for r in records]
 
@@ -242,7 +333,7 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
     where = f" (shard {shard_spec[0]}/{shard_spec[1]})" if shard_spec else ""
     skipped, seconds = _run_tasks(todo_records, p, max_boxes, nproc, parts, todo_keys,
                                   skip_bad_images=skip_bad_images, show_progress=progress,
-                                  desc=f"selective search {p.name}{where}")
+                                  desc=f"selective search {p.name}{where}", on_skip=on_skip)
     wall = time.perf_counter() - t0
     if seconds:
         logger.info("selective search (%s): %d images in %.1f s with %d process(es): %.2f img/s, "
@@ -268,7 +359,7 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
     i, n = shard_spec
     logger.info("proposals shard %d/%d: %s (%d images)", i, n, target_path, len(store))
     shards = find_shards(path).get(n, {})
-    if len(shards) == n:
+    if merge and len(shards) == n:
         logger.info("all %d shards present; merging into %s", n, path)
         return merge_shards(path, make_settings(p, max_boxes, dataset))
     return store

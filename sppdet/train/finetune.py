@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import FinetuneConfig
 from ..errors import SppdetError
-from ..utils.io import atomic_path
+from ..utils.io import atomic_torch_save
 from ..utils.progress import progress
 from .windows import ImageWindows
 
@@ -226,8 +226,7 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
         resumed run repeats exactly what an uninterrupted run would have done."""
         if snapshot is None:
             return
-        with atomic_path(snapshot) as tmp:
-            torch.save(_snapshot_state(head, opt, it, states, key, extra_modules), tmp)
+        atomic_torch_save(snapshot, _snapshot_state(head, opt, it, states, key, extra_modules))
 
     per_image = max(1, params.batch_size // params.images_per_batch)
     loss_fn = nn.CrossEntropyLoss()

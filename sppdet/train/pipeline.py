@@ -6,7 +6,7 @@ whose output exists with the same key is skipped, so a killed run resumes.
 Inside a stage, proposals and conv5 maps are cached per image, and
 fine-tuning saves a snapshot periodically and on Ctrl-C.
 
-Files in RUN: ``config.yaml`` (the resolved config), ``train.log``,
+Files in RUN: ``config.yaml`` (the resolved config of ``model.pt``, written with it), ``train.log``,
 ``timings.json`` (seconds per stage), ``stages/*.pt`` and ``model.pt`` (the
 checkpoint, DESIGN §3).
 """
@@ -32,7 +32,7 @@ from ..features import WindowFeatures
 from ..models.detector import SPPDetector
 from ..models.heads import FCHead, fc7_features
 from ..utils.device import resolve_device
-from ..utils.io import atomic_path, atomic_write_json, atomic_write_text, stable_hash
+from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
 from ..utils.log import add_log_file
 from ..utils.progress import progress
 from ..models.bbox_reg import BBoxRegressors
@@ -121,8 +121,7 @@ class Pipeline:
         return data
 
     def _save_stage(self, name: str, key: str, payload: dict) -> None:
-        with atomic_path(self._stage_file(name), suffix=".pt") as tmp:
-            torch.save({"key": key, **payload}, tmp)
+        atomic_torch_save(self._stage_file(name), {"key": key, **payload})
 
     # ------------------------------------------------------------------- run
     def run(self) -> Path:
@@ -143,7 +142,9 @@ class Pipeline:
                 self.timings = json.loads(tf.read_text())
             except ValueError:
                 self.timings = {}
-        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        # RUN/config.yaml is written with model.pt (below), never before: a run that fails
+        # must leave the pair that belongs together (train.log has this run's settings)
+        log.debug("resolved config:\n%s", cfg.to_yaml())
         t_all = time.perf_counter()
         log.info("training %s into %s (device %s, cache %s)", cfg.name, self.run_dir, self.device, self.cache_dir)
 
@@ -227,6 +228,7 @@ class Pipeline:
             backbone_weights=cfg.features.weights, backbone_trained=cfg.finetune.end_to_end,
             stats={"timings": self.timings, "train_images": len(train_recs), "train_objects": n_obj})
         ckpt = save_detector(self.run_dir / "model.pt", model, cfg)
+        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         self.timings["total_seconds_this_run"] = round(time.perf_counter() - t_all, 3)
         atomic_write_json(self.run_dir / "timings.json", self.timings)
         log.info("checkpoint written to %s", ckpt)
