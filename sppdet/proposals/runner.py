@@ -194,9 +194,9 @@ def compute_proposals(dataset: Dataset, preset: str | Preset = "fast", max_boxes
 
     if shard is None and dist.get_world_size() > 1:
         return _compute_ranked(dataset, preset, max_boxes, workers=workers, out=out, cache_dir=cache_dir,
-                               skip_bad_images=skip_bad_images, progress=progress)
+                               skip_bad_images=skip_bad_images, progress=progress, on_skip=on_skip)
     return _compute(dataset, preset, max_boxes, workers=workers, out=out, cache_dir=cache_dir, shard=shard,
-                    skip_bad_images=skip_bad_images, progress=progress)
+                    skip_bad_images=skip_bad_images, progress=progress, on_skip=on_skip)
 
 
 def _store_path(dataset: Dataset, p: Preset, max_boxes: int, out: str | Path | None,
@@ -207,7 +207,7 @@ def _store_path(dataset: Dataset, p: Preset, max_boxes: int, out: str | Path | N
 
 def _compute_ranked(dataset: Dataset, preset: str | Preset, max_boxes: int, *, workers: int,
                     out: str | Path | None, cache_dir: str | Path | None, skip_bad_images: bool,
-                    progress: bool) -> ProposalStore:
+                    progress: bool, on_skip: Callable[[str, str], None] | None = None) -> ProposalStore:
     """:func:`compute_proposals` on every rank of a process group: shard, merge on rank 0, share.
 
     1. rank ``r`` runs shard ``r+1`` of ``W`` (shard file + the shared ``.parts``
@@ -235,7 +235,7 @@ def _compute_ranked(dataset: Dataset, preset: str | Preset, max_boxes: int, *, w
     written = None
     try:
         part = _compute(dataset, p, max_boxes, workers=workers, out=path, shard=(rank + 1, world), merge=False,
-                        skip_bad_images=skip_bad_images, progress=progress)
+                        skip_bad_images=skip_bad_images, progress=progress, on_skip=on_skip)
         written = str(part.path) if part.path != path else None  # None: the full store already had them
     except SppdetError as e:
         err = e
@@ -268,7 +268,7 @@ def _compute_ranked(dataset: Dataset, preset: str | Preset, max_boxes: int, *, w
 def _compute(dataset: Dataset, preset: str | Preset = "fast", max_boxes: int = 2000, *,
              workers: int = 0, out: str | Path | None = None, cache_dir: str | Path | None = None,
              shard: str | tuple[int, int] | None = None, merge: bool = True, skip_bad_images: bool = False,
-             progress: bool = True) -> ProposalStore:
+             progress: bool = True, on_skip: Callable[[str, str], None] | None = None) -> ProposalStore:
     """:func:`compute_proposals` in this process only (``merge=False``: a shard never merges the set)."""
     p = get_preset(preset)
     shard_spec = parse_shard(shard)
