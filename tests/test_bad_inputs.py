@@ -84,7 +84,7 @@ class _FullDisk:
 def fill_disk_for(monkeypatch, pattern: str) -> None:
     """Writes of files whose name matches ``pattern`` (fnmatch) fail with ENOSPC, through every
     module of sppdet that opens files for writing itself."""
-    import sppdet.features
+    import sppdet.features.conv5_cache
     import sppdet.utils.io
 
     real_open = builtins.open
@@ -95,7 +95,7 @@ def fill_disk_for(monkeypatch, pattern: str) -> None:
             return _FullDisk(f)
         return f
 
-    for mod in (sppdet.utils.io, sppdet.features):
+    for mod in (sppdet.utils.io, sppdet.features.conv5_cache):
         monkeypatch.setattr(mod, "open", fake_open, raising=False)
 
 
