@@ -37,18 +37,19 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} .big{font-size:2em;fo
 .figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:14px}
 .figs figure{margin:0} .figs img{width:100%;height:auto;border:1px solid #e3e3e3}
 .side{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}
+.grid figure.wide{flex-basis:100%} .grid figure.wide img{max-width:840px;width:100%}
 figcaption{font-size:.85em;color:#555} pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.85em}
 .muted{color:#777} summary{cursor:pointer;color:#444}
 """
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def safe_file_name(text: str, index: int, suffix: str, max_len: int = 48) -> str:
-    """``<index>_<slug><suffix>``: the slug keeps letters, digits and ``._-`` of ``text`` (the rest
-    become ``_``, leading dots are dropped, at most ``max_len`` characters from its end), so the name
-    never holds a path separator, never is ``.``/``..`` and is unique by its index."""
-    slug = _UNSAFE.sub("_", str(text))[-max_len:].strip("._") or "image"
+    """``<index>_<slug><suffix>``: the slug keeps ASCII letters, digits, ``_`` and ``-`` of ``text``
+    (every other run of characters, dots and separators included, becomes one ``_``; at most
+    ``max_len`` characters from its end), so the name is one plain path component, unique by its index."""
+    slug = _UNSAFE.sub("_", str(text))[-max_len:].strip("_") or "image"
     return f"{index:03d}_{slug}{suffix}"
 
 
@@ -137,7 +138,8 @@ def write_report(out_dir: str | Path, *, title: str, metric: str, mean_ap: float
     if pr_images:
         parts.append("<h2>Precision-recall curves</h2><div class='grid'>")
         for p in pr_images:
-            parts.append(f"<figure>{_img(p, out, Path(p).stem)}</figure>")
+            wide = " class='wide'" if Path(p).name.startswith("overview") else ""
+            parts.append(f"<figure{wide}>{_img(p, out, Path(p).stem)}</figure>")
         parts.append("</div>")
     if examples:
         parts.append("<h2>Detections (coloured) and ground truth (dashed white)</h2><div class='grid'>")
@@ -263,7 +265,8 @@ def write_eval_report(out_dir: str | Path, *, result, dataset, detections: Mappi
 
         rr = compute_recall(dataset, proposals)
         if rr.num_gt:
-            figures.append((plot_recall_vs_iou(rr.best_iou, figs / "proposal_recall.png"),
+            figures.append((plot_recall_vs_iou(rr.best_iou, figs / "proposal_recall.png",
+                                               average_recall=rr.average_recall),
                             f"proposal recall on {dataset.split}: {rr.num_gt} objects, "
                             f"{rr.mean_boxes:.0f} boxes per image"))
             tables.append(("Proposals", [("recall@0.5", float(rr.recall_50)), ("recall@0.7", float(rr.recall_70)),

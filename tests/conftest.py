@@ -36,3 +36,32 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+#: Settings that make a detector train in seconds (the demo config on tiny images, few windows).
+TINY_SETTINGS = [
+    "features.scales=[224]", "features.max_side=320", "proposals.max_boxes=150",
+    "finetune.iterations=30", "finetune.fc_dims=[64, 64]", "finetune.batch_size=32",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """``sppdet demo`` run as a user runs it: from a working directory, with the default (relative)
+    ``--out sppdet-demo``, on 12 images with :data:`TINY_SETTINGS`.  Returns the working directory
+    (the demo's folder is ``<it>/sppdet-demo``) and the demo's printed summary."""
+    from sppdet.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_demo")
+    args = ["-q", "demo", "--images", "12", "--seed", "5", "--workers", "1"]
+    for s in TINY_SETTINGS:
+        args += ["--set", s]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(args) == 0
+    return {"cwd": root, "out": root / "sppdet-demo", "summary": buf.getvalue()}

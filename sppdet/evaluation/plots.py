@@ -110,7 +110,7 @@ def plot_ap_bars(ap: dict[str, float], out_file: str | Path, *, npos: dict[str, 
     Classes whose AP is not a number (no ground truth) are listed with an empty bar.
     """
     items = sorted(ap.items(), key=lambda kv: (-(kv[1] if math.isfinite(kv[1]) else -1.0), kv[0]))
-    fig, ax = _figure(6.4, max(2.2, 0.32 * len(items) + 1.1))
+    fig, ax = _figure(6.4, max(3.6, 0.3 * len(items) + 1.1))
     names = [c if not npos else f"{c} ({npos.get(c, 0)})" for c, _ in items][::-1]
     vals = [v if math.isfinite(v) else 0.0 for _, v in items][::-1]
     bars = ax.barh(range(len(vals)), vals, color="#4c78a8", height=0.7)
@@ -156,8 +156,10 @@ def plot_finetune_curve(curve: dict, out_file: str | Path) -> Path:
         ax.axvline((it[j] + it[j + 1]) / 2, color="0.4", ls=":", lw=1)
         ax.text((it[j] + it[j + 1]) / 2, ax.get_ylim()[1] * 0.97, f" lr {lr[j + 1]:.2g}", fontsize=7,
                 va="top", color="0.3")
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="center right")
+    # the axes say which line is which (coloured labels), no legend to cover the lines
+    for a, colour in ((ax, "#4c78a8"), (ax2, "#f58518")):
+        a.yaxis.label.set_color(colour)
+        a.tick_params(axis="y", colors=colour)
     fig.tight_layout()
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,8 @@ def plot_finetune_curve(curve: dict, out_file: str | Path) -> Path:
     return out
 
 
-def plot_recall_vs_iou(best_iou: np.ndarray, out_file: str | Path, *, label: str = "proposals") -> Path:
+def plot_recall_vs_iou(best_iou: np.ndarray, out_file: str | Path, *, label: str = "proposals",
+                       average_recall: float | None = None) -> Path:
     """Proposal recall against the IoU threshold (fraction of objects whose best IoU is >= t).
 
     Args:
@@ -182,7 +185,8 @@ def plot_recall_vs_iou(best_iou: np.ndarray, out_file: str | Path, *, label: str
         ax.plot([x], [r], "o", color="#54a24b", ms=4)
         ax.annotate(f"{r:.3f} at {x}", (x, r), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvspan(0.5, 1.0, color="0.92", zorder=0)
-    ax.text(0.75, 0.04, "AR: mean over IoU 0.5:0.95", ha="center", fontsize=7, color="0.35")
+    ar = "" if average_recall is None or not math.isfinite(average_recall) else f" {average_recall:.3f}"
+    ax.text(0.75, 0.04, f"AR{ar}: mean recall over IoU 0.5:0.95", ha="center", fontsize=8, color="0.3")
     ax.set(xlabel="IoU threshold", ylabel="recall", xlim=(0, 1), ylim=(0, 1.02),
            title=f"Proposal recall ({len(best)} objects)")
     ax.grid(alpha=0.3)
@@ -194,7 +198,7 @@ def plot_recall_vs_iou(best_iou: np.ndarray, out_file: str | Path, *, label: str
 
 
 def plot_stage_seconds(panels: dict[str, dict[str, float]], out_file: str | Path) -> Path:
-    """Horizontal bars of seconds per stage, slowest on top, one panel per entry of ``panels``
+    """Horizontal bars of seconds per stage, slowest on top, one panel (row) per entry of ``panels``
     (e.g. ``{"training (s)": {...}, "test (s per image)": {...}}``); empty panels are left out."""
     panels = {k: v for k, v in panels.items() if v}
     n = max(len(panels), 1)
@@ -202,10 +206,10 @@ def plot_stage_seconds(panels: dict[str, dict[str, float]], out_file: str | Path
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * n, max(2.2, 0.34 * rows + 1.2)), dpi=100)
+    fig = Figure(figsize=(6.4, max(3.6, n * (0.3 * rows + 1.0))), dpi=100)
     FigureCanvasAgg(fig)
     for i, (title, values) in enumerate(panels.items()):
-        ax = fig.add_subplot(1, n, i + 1)
+        ax = fig.add_subplot(n, 1, i + 1)
         items = sorted(values.items(), key=lambda kv: kv[1])
         vals = [float(v) for _, v in items]
         bars = ax.barh(range(len(items)), vals, color="#72b7b2", height=0.7)
@@ -214,7 +218,7 @@ def plot_stage_seconds(panels: dict[str, dict[str, float]], out_file: str | Path
             ax.text(b.get_width() + top * 0.01, b.get_y() + b.get_height() / 2,
                     f"{v:.3g}", va="center", fontsize=8)
         ax.set_yticks(range(len(items)), [k for k, _ in items], fontsize=8)
-        ax.set(xlim=(0, top * 1.22 if top > 0 else 1.0), title=title)
+        ax.set(xlim=(0, top * 1.22 if top > 0 else 1.0), title=title, xlabel="seconds")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     out = Path(out_file)
