@@ -179,8 +179,15 @@ def test_demo_report_renders_and_recall_matches_a_reference(tiny_demo):
     assert float(row.split(">")[-1]) == pytest.approx(hits / total, abs=5e-5)
 
 
-def test_training_records_the_finetune_curve(tiny_demo):
+def test_training_records_the_finetune_curve(tiny_demo, tmp_path, monkeypatch):
+    """RUN/finetune_log.json and the checkpoint's stats hold the curve, also when a rerun reuses
+    the fine-tuning stage (the curve comes from the stage's file)."""
+    import shutil
+
     import torch
+
+    from sppdet.config import load_config
+    from sppdet.train.pipeline import train
 
     run = tiny_demo["out"] / "run"
     log = json.loads((run / "finetune_log.json").read_text())
@@ -190,3 +197,12 @@ def test_training_records_the_finetune_curve(tiny_demo):
     assert curve["iteration"] == list(range(1, 31))               # 30 iterations, one point each
     assert len(curve["loss"]) == len(curve["accuracy"]) == len(curve["lr"]) == 30
     assert log["loss"] == pytest.approx(np.mean(curve["loss"]))   # the final running mean of <= 100
+
+    again = tmp_path / "run"
+    shutil.copytree(run, again)
+    (again / "finetune_log.json").unlink()
+    monkeypatch.chdir(tiny_demo["cwd"])            # the same inputs as the demo's: sppdet-demo/data
+    train(load_config(run / "config.yaml"), again, data_root="sppdet-demo/data", show_progress=False)
+    assert json.loads((again / "timings.json").read_text())["finetune"]["reused"]
+    assert json.loads((again / "finetune_log.json").read_text()) == log
+    assert torch.load(again / "model.pt", weights_only=True)["stats"]["finetune"] == log
