@@ -50,6 +50,9 @@ def tiny_demo(tmp_path_factory):
     """``sppdet demo`` run as a user runs it: from a working directory, with the default (relative)
     ``--out sppdet-demo``, on 12 images with :data:`TINY_SETTINGS`.  Returns the working directory
     (the demo's folder is ``<it>/sppdet-demo``) and the demo's printed summary."""
+    import contextlib
+    import io
+
     from sppdet.cli import main
 
     root = tmp_path_factory.mktemp("tiny_demo")
@@ -58,9 +61,6 @@ def tiny_demo(tmp_path_factory):
         args += ["--set", s]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        import contextlib
-        import io
-
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             assert main(args) == 0
