@@ -98,3 +98,12 @@ def test_readme_commands_parse():
     targets = set(re.findall(r"^([a-z]+):", (README.parent / "Makefile").read_text(), flags=re.M))
     for target in re.findall(r"^make ([a-z]+)", "\n".join(fenced_blocks(text, "bash")), flags=re.M):
         assert target in targets, f"make {target}"
+
+
+def test_readme_links_to_files_that_exist():
+    text = README.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if "://" not in t]
+    assert "docs/report_screenshot.png" in local
+    for t in local:
+        assert (README.parent / t).exists(), f"README links to a missing file: {t}"

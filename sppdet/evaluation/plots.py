@@ -183,7 +183,8 @@ def plot_recall_vs_iou(best_iou: np.ndarray, out_file: str | Path, *, label: str
     for x in (0.5, 0.7):
         r = float(np.mean(best >= x - 1e-9)) if len(best) else 0.0
         ax.plot([x], [r], "o", color="#54a24b", ms=4)
-        ax.annotate(f"{r:.3f} at {x}", (x, r), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(f"{r:.3f} at {x}", (x, r), textcoords="offset points", fontsize=8,
+                    xytext=(6, -12) if r > 0.9 else (6, 4))      # below the point near the top edge
     ax.axvspan(0.5, 1.0, color="0.92", zorder=0)
     ar = "" if average_recall is None or not math.isfinite(average_recall) else f" {average_recall:.3f}"
     ax.text(0.75, 0.04, f"AR{ar}: mean recall over IoU 0.5:0.95", ha="center", fontsize=8, color="0.3")
