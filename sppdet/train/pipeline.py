@@ -7,8 +7,8 @@ Inside a stage, proposals and conv5 maps are cached per image, and
 fine-tuning saves a snapshot periodically and on Ctrl-C.
 
 Files in RUN: ``config.yaml`` (the resolved config of ``model.pt``, written with it), ``train.log``,
-``timings.json`` (seconds per stage), ``stages/*.pt`` and ``model.pt`` (the
-checkpoint, DESIGN §3).
+``timings.json`` (seconds per stage), ``finetune_log.json`` (the fine-tuning
+loss/accuracy curve), ``stages/*.pt`` and ``model.pt`` (the checkpoint, DESIGN §3).
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ class Pipeline:
         self.device = resolve_device(cfg.device)
         self.cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
         self.timings: dict[str, Any] = {}
+        self.finetune_stats: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- helpers
     def _timed(self, name: str, fn: Callable[[], Any], reused: bool = False) -> Any:
@@ -363,6 +364,8 @@ class Pipeline:
             "svm": svm_state["svm"],
             "stats": {"timings": self.timings, "train_images": len(train_recs), "train_objects": n_obj},
         }
+        if self.finetune_stats is not None:
+            payload["stats"]["finetune"] = self.finetune_stats
         # default ImageNet weights (packaged Lite0, torchvision VGG16) are referenced; anything else
         # (random init, a user's file, conv layers fine-tuned end to end) travels inside the checkpoint
         rebuildable = cfg.features.weights is None and backbone.name.startswith(("lite0", "vgg16"))
@@ -395,6 +398,7 @@ class Pipeline:
                 backbone.load_state_dict(state["backbone"])
                 backbone.weights_id = state["backbone_weights_id"]
             self._timed("finetune", lambda: None, reused=True)
+            self._record_finetune(state.get("stats"))
             return head.to(self.device).eval(), key
         params = params_from_config(FinetuneParams, ft, iterations=iters, flip=cfg.features.flip, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -432,7 +436,16 @@ class Pipeline:
         (self.stage_dir / "finetune.snapshot.pt").unlink(missing_ok=True)
         log.info("fine-tuning: loss %.4f, batch accuracy %.3f, %.1f s", stats["loss"], stats["accuracy"],
                  stats["seconds"])
+        self._record_finetune(stats)
         return head.eval(), key
+
+    def _record_finetune(self, stats: dict | None) -> None:
+        """Keep the fine-tuning statistics (and curve) for the checkpoint and ``RUN/finetune_log.json``."""
+        if not stats:
+            return
+        self.finetune_stats = {k: stats[k] for k in ("iterations", "loss", "accuracy", "seconds", "curve")
+                               if k in stats}
+        atomic_write_json(self.run_dir / "finetune_log.json", self.finetune_stats)
 
     def _live_feature_fn(self, extractor, windows):
         from ..data.images import load_image
