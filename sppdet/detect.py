@@ -1,6 +1,6 @@
 """The detector at test time: proposals -> features -> SVM scores -> box regression -> NMS.
 
->>> det = Detector.from_checkpoint("runs/demo/model.pt", device="auto")
+>>> det = Detector.from_checkpoint("sppdet-demo/run/model.pt", device="auto")
 >>> out = det("image.jpg")          # or an RGB uint8 array [H, W, 3]
 >>> out["boxes"], out["scores"], out["labels"]   # [M,4] original pixels, [M], [M]
 

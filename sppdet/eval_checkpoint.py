@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from .build import eval_dataset
-from .data.images import load_image
 from .data.records import Dataset
 from .detect import Detections, Detector
 from .evaluation.voc import EvalResult, evaluate_voc_results, read_voc_results, write_voc_results
@@ -91,37 +90,21 @@ def _score(det: Detector, ds: Dataset, dets: dict[str, Detections], out: Path, s
 
 
 def write_eval_report(ev: CheckpointEvaluation, det: Detector, out: Path, checkpoint, n_examples: int) -> Path:
-    """HTML report: AP table, PR curves, drawn detections vs ground truth, timings, config."""
-    from .report import write_report
-    from .visualize import draw_detections, save_image
+    """HTML report (:func:`sppdet.report.write_eval_report`): figures, AP table, PR curves, drawn
+    detections vs ground truth, proposal recall, timings, config."""
+    from .proposals import compute_proposals
+    from .report import write_eval_report as write
 
-    out.mkdir(parents=True, exist_ok=True)
-    pr = []
-    if ev.result.per_class:
-        from .evaluation.plots import plot_pr_curves
-
-        pr = plot_pr_curves(ev.result, out / "pr")
-    examples = []
-    # the images with the most ground truth first: they show the most
-    recs = sorted(ev.dataset.records, key=lambda r: (-r.num_objects, r.image_id))[:n_examples]
-    for r in recs:
-        d = ev.detections.get(r.image_id)
-        if d is None:
-            continue
-        keep = d.scores >= 0.0
-        img = draw_detections(load_image(r.path), d.boxes[keep], d.labels[keep], d.scores[keep], det.classes,
-                              gt_boxes=r.boxes, gt_labels=r.labels)
-        f = save_image(img, out / "examples" / f"{r.image_id}.jpg")
-        examples.append((f, f"{r.image_id}: {int(keep.sum())} detections (score >= 0), {r.num_objects} objects"))
-    train_t = det.model.stats.get("timings", {})
-    timings = {"training (seconds per stage)": {k: v for k, v in train_t.items() if isinstance(v, dict)},
-               "test (seconds per image)": ev.timings.get("per_image", {})}
+    # the proposals the detector scored: the store detect_dataset used, read back from the cache
+    store = compute_proposals(ev.dataset, det.preset, det.max_boxes, workers=det.workers,
+                              cache_dir=det.cache_dir, skip_bad_images=True, progress=False)
+    stats = det.model.stats
     facts = {"checkpoint": str(checkpoint), "data": str(ev.dataset.root), "split": ev.dataset.split,
              "images": len(ev.dataset), "backbone": det.model.features.backbone,
              "mode": det.model.features.mode, "box regression": "on" if det.use_bbox_reg else "off",
              "results files": str(ev.results_dir)}
     facts.update({k: f"{v:.4f}" for k, v in ev.result.extra.items()})
-    return write_report(out, title=f"sppdet evaluation: {det.config.name} on {ev.dataset.split}",
-                        metric=ev.result.metric, mean_ap=ev.result.mAP, ap=ev.result.ap,
-                        npos=ev.result.npos or None, pr_images=pr, examples=examples, timings=timings,
-                        config_yaml=det.config.to_yaml(), facts=facts)
+    return write(out, result=ev.result, dataset=ev.dataset, detections=ev.detections, classes=det.classes,
+                 title=f"sppdet evaluation: {det.config.name} on {ev.dataset.split}", facts=facts,
+                 train_stats=stats, test_per_image=ev.timings.get("per_image", {}), proposals=store,
+                 config_yaml=det.config.to_yaml(), n_examples=n_examples)

@@ -46,6 +46,12 @@ TINY_TRAIN = [
     "--set", "finetune.iterations=5", "--set", "finetune.fc_dims=[32, 32]", "--set", "finetune.batch_size=32",
 ]
 
+#: Settings that make a detector train in seconds (the demo config on tiny images, few windows).
+TINY_SETTINGS = [
+    "features.scales=[224]", "features.max_side=320", "proposals.max_boxes=150",
+    "finetune.iterations=30", "finetune.fc_dims=[64, 64]", "finetune.batch_size=32",
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
@@ -62,3 +68,25 @@ def tiny_run(tmp_path_factory):
             "--cache", str(cache), *TINY_TRAIN]
     assert main(args) == 0
     return {"data": data, "run": run, "checkpoint": run / "model.pt", "cache": cache, "args": args}
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """``sppdet demo`` run as a user runs it: from a working directory, with the default (relative)
+    ``--out sppdet-demo``, on 12 images with :data:`TINY_SETTINGS`.  Returns the working directory
+    (the demo's folder is ``<it>/sppdet-demo``) and the demo's printed summary."""
+    import contextlib
+    import io
+
+    from sppdet.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_demo")
+    args = ["-q", "demo", "--images", "12", "--seed", "5", "--workers", "1"]
+    for s in TINY_SETTINGS:
+        args += ["--set", s]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(args) == 0
+    return {"cwd": root, "out": root / "sppdet-demo", "summary": buf.getvalue()}

@@ -107,3 +107,58 @@ def test_no_usable_images():
     w = build_windows(0, rec, np.array([[0, 0, 50, 50]], np.float32), K)   # only foreground windows
     with pytest.raises(TrainingError, match="no training image has background"):
         finetune(FCHead(D, [8], K), lambda *a: None, [w], params(5), show_progress=False)
+
+
+def test_curve_block_means_against_a_reference():
+    from sppdet.train.finetune import CURVE_POINTS, _Curve
+
+    n = 2 * CURVE_POINTS + 1                      # blocks of 3 iterations, the last one of 2
+    rng = np.random.default_rng(0)
+    loss, acc = rng.random(n), rng.random(n)
+    c = _Curve(n)
+    assert c.every == 3
+    for i in range(n):
+        c.add(i + 1, float(loss[i]), float(acc[i]), 0.1 if i < 250 else 0.01, last=i == n - 1)
+    d = c.to_dict()
+    starts = list(range(0, n, 3))
+    assert d["iteration"] == [min(s + 3, n) for s in starts]
+    np.testing.assert_allclose(d["loss"], [loss[s:s + 3].mean() for s in starts], rtol=1e-12)
+    np.testing.assert_allclose(d["accuracy"], [acc[s:s + 3].mean() for s in starts], rtol=1e-12)
+    assert d["lr"] == [0.1 if min(s + 3, n) - 1 < 250 else 0.01 for s in starts]   # lr of a block's last
+
+
+def test_finetune_returns_its_curve_and_keeps_it_across_a_resume(tmp_path):
+    windows, table = make_problem(seed=2)
+    fn = feature_fn_for(table)
+
+    def fresh():
+        torch.manual_seed(0)
+        h = FCHead(D, [16], K, dropout=0.0)
+        h.reset_parameters()
+        return h
+
+    ref = finetune(fresh(), fn, windows, params(60), show_progress=False)
+    curve = ref["curve"]
+    assert curve["every"] == 1 and curve["iteration"] == list(range(1, 61))
+    # 60 iterations (< 100): the final running-mean loss/accuracy are the means of the whole curve
+    assert ref["loss"] == pytest.approx(np.mean(curve["loss"]), rel=1e-12)
+    assert ref["accuracy"] == pytest.approx(np.mean(curve["accuracy"]), rel=1e-12)
+    # lr steps 10x at 60% of the schedule: iterations 1..36 at 0.05, then 0.005
+    assert curve["lr"] == pytest.approx([0.05] * 36 + [0.005] * 24)
+    assert curve["loss"][-1] < curve["loss"][0]
+
+    calls = {"n": 0}
+
+    def interrupting(i, idx, flip):
+        calls["n"] += 1
+        if calls["n"] == 2 * 40 + 1:
+            raise KeyboardInterrupt
+        return fn(i, idx, flip)
+
+    snap = tmp_path / "snap.pt"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(fresh(), interrupting, windows, params(60), snapshot=snap, key="k", show_progress=False)
+    resumed = finetune(fresh(), fn, windows, params(60), snapshot=snap, key="k", show_progress=False)
+    assert resumed["resumed_from"] == 40
+    assert resumed["curve"]["iteration"] == curve["iteration"]
+    np.testing.assert_allclose(resumed["curve"]["loss"], curve["loss"], rtol=0, atol=1e-5)

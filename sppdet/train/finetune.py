@@ -120,6 +120,45 @@ def init_fc_head(head: nn.Module, used: str, backbone) -> None:
         log.info("fine-tuning: fc6/fc7 start from ImageNet (%s)", zf5_fc_file(backbone.imagenet_fc_file))
 
 
+#: The loss/accuracy curve keeps about this many points (each the mean over its iterations).
+CURVE_POINTS = 200
+
+
+class _Curve:
+    """Fine-tuning loss and batch accuracy, averaged over blocks of ``every`` iterations."""
+
+    def __init__(self, iterations: int) -> None:
+        self.every = max(1, -(-iterations // CURVE_POINTS))
+        self.points: dict[str, list[float]] = {"iteration": [], "loss": [], "accuracy": [], "lr": []}
+        self._loss: list[float] = []
+        self._acc: list[float] = []
+
+    def add(self, it: int, loss: float, acc: float, lr: float, last: bool) -> None:
+        """Record iteration ``it`` (1-based); closes a point every ``every`` iterations and at the end."""
+        self._loss.append(loss)
+        self._acc.append(acc)
+        if it % self.every == 0 or last:
+            self.points["iteration"].append(int(it))
+            self.points["loss"].append(float(np.mean(self._loss)))
+            self.points["accuracy"].append(float(np.mean(self._acc)))
+            self.points["lr"].append(float(lr))
+            self._loss, self._acc = [], []
+
+    def state(self) -> dict:
+        return {"every": self.every, "points": {k: list(v) for k, v in self.points.items()},
+                "open": [list(self._loss), list(self._acc)]}
+
+    def load(self, state: dict) -> None:
+        if int(state.get("every", 0)) != self.every:
+            return
+        self.points = {k: [float(x) for x in v] for k, v in state["points"].items()}
+        self.points["iteration"] = [int(x) for x in self.points["iteration"]]
+        self._loss, self._acc = [float(x) for x in state["open"][0]], [float(x) for x in state["open"][1]]
+
+    def to_dict(self) -> dict:
+        return {"every": self.every, **{k: list(v) for k, v in self.points.items()}}
+
+
 def sample_windows(windows: ImageWindows, num: int, fg_fraction: float, fg_iou: float,
                    bg_low: float, bg_high: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``num`` windows of one image for a fine-tuning mini-batch.
@@ -152,9 +191,11 @@ def sample_windows(windows: ImageWindows, num: int, fg_fraction: float, fg_iou: 
 
 
 def _snapshot_state(head: nn.Module, opt: torch.optim.Optimizer, it: int, rng_states: tuple,
-                    key: str, extra: dict | None) -> dict:
+                    key: str, extra: dict | None, curve: dict | None = None) -> dict:
     state = {"key": key, "iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
              "numpy_rng": rng_states[0], "torch_rng": rng_states[1]}
+    if curve is not None:
+        state["curve"] = curve
     if extra:
         state["extra"] = {k: v.state_dict() for k, v in extra.items()}
     return state
@@ -183,7 +224,10 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
             and optimised (end-to-end fine-tuning of the conv layers).
 
     Returns:
-        stats: iterations, final loss (running mean), accuracy, seconds.
+        stats: iterations, final loss (running mean), accuracy, seconds, and ``curve``:
+        ``{"every", "iteration", "loss", "accuracy", "lr"}``, the loss and batch accuracy
+        averaged over each block of ``every`` iterations (about :data:`CURVE_POINTS` points;
+        kept across a resume from the snapshot).
 
     Raises:
         TrainingError: when the loss becomes NaN or infinite (with the last values).
@@ -200,6 +244,7 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
     rng = np.random.default_rng(params.seed)
     torch.manual_seed(params.seed)
     start = 0
+    curve = _Curve(params.iterations)
     snapshot = Path(snapshot) if snapshot else None
     if snapshot is not None and snapshot.is_file():
         try:
@@ -212,6 +257,8 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
                 for name, mod in (extra_modules or {}).items():
                     mod.load_state_dict(state["extra"][name])
                 start = int(state["iteration"])
+                if "curve" in state:
+                    curve.load(state["curve"])
                 log.info("fine-tuning: resuming from %s at iteration %d/%d", snapshot, start, params.iterations)
             else:
                 log.info("fine-tuning: ignoring snapshot %s made with other settings", snapshot)
@@ -226,7 +273,7 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
         resumed run repeats exactly what an uninterrupted run would have done."""
         if snapshot is None:
             return
-        atomic_torch_save(snapshot, _snapshot_state(head, opt, it, states, key, extra_modules))
+        atomic_torch_save(snapshot, _snapshot_state(head, opt, it, states, key, extra_modules, curve.state()))
 
     per_image = max(1, params.batch_size // params.images_per_batch)
     loss_fn = nn.CrossEntropyLoss()
@@ -269,6 +316,7 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
             opt.step()
             acc_hist.append(float((logits.detach().argmax(1) == y).float().mean()))
             it += 1
+            curve.add(it, lv, acc_hist[-1], params.lr * scale, it == params.iterations)
             bar.update(1)
             if it % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(recent[-100:]):.3f}", acc=f"{np.mean(acc_hist[-100:]):.3f}")
@@ -292,4 +340,5 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
         "loss": float(np.mean(recent[-100:])) if recent else float("nan"),
         "accuracy": float(np.mean(acc_hist[-100:])) if acc_hist else float("nan"),
         "seconds": time.perf_counter() - t0,
+        "curve": curve.to_dict(),
     }

@@ -7,8 +7,8 @@ Inside a stage, proposals and conv5 maps are cached per image, and
 fine-tuning saves a snapshot periodically and on Ctrl-C.
 
 Files in RUN: ``config.yaml`` (the resolved config of ``model.pt``, written with it), ``train.log``,
-``timings.json`` (seconds per stage), ``stages/*.pt`` and ``model.pt`` (the
-checkpoint, DESIGN §3).
+``timings.json`` (seconds per stage), ``finetune_log.json`` (the fine-tuning
+loss/accuracy curve), ``stages/*.pt`` and ``model.pt`` (the checkpoint, DESIGN §3).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class Pipeline:
         self.device = resolve_device(cfg.device)
         self.cache_dir = build.training_cache_dir(cfg)
         self.timings: dict[str, Any] = {}
+        self.finetune_stats: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- helpers
     def _timed(self, name: str, fn: Callable[[], Any], reused: bool = False) -> Any:
@@ -227,6 +228,8 @@ class Pipeline:
             svm_features=cfg.svm.features, test=cfg.test, feature_dim=extractor.feature_dim,
             backbone_weights=cfg.features.weights, backbone_trained=cfg.finetune.end_to_end,
             stats={"timings": self.timings, "train_images": len(train_recs), "train_objects": n_obj})
+        if self.finetune_stats is not None:
+            model.stats["finetune"] = self.finetune_stats
         ckpt = save_detector(self.run_dir / "model.pt", model, cfg)
         atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         self.timings["total_seconds_this_run"] = round(time.perf_counter() - t_all, 3)
@@ -249,6 +252,7 @@ class Pipeline:
                 backbone.load_state_dict(state["backbone"])
                 backbone.weights_id = state["backbone_weights_id"]
             self._timed("finetune", lambda: None, reused=True)
+            self._record_finetune(state.get("stats"))
             return head.to(self.device).eval(), key
         params = build.params(FinetuneParams, ft, iterations=iters, flip=cfg.features.flip, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -286,7 +290,16 @@ class Pipeline:
         (self.stage_dir / "finetune.snapshot.pt").unlink(missing_ok=True)
         log.info("fine-tuning: loss %.4f, batch accuracy %.3f, %.1f s", stats["loss"], stats["accuracy"],
                  stats["seconds"])
+        self._record_finetune(stats)
         return head.eval(), key
+
+    def _record_finetune(self, stats: dict | None) -> None:
+        """Keep the fine-tuning statistics (and curve) for the checkpoint and ``RUN/finetune_log.json``."""
+        if not stats:
+            return
+        self.finetune_stats = {k: stats[k] for k in ("iterations", "loss", "accuracy", "seconds", "curve")
+                               if k in stats}
+        atomic_write_json(self.run_dir / "finetune_log.json", self.finetune_stats)
 
     def _live_feature_fn(self, extractor, windows):
         from ..data.images import load_image
