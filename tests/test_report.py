@@ -154,17 +154,17 @@ def test_demo_report_renders_and_recall_matches_a_reference(tiny_demo):
     from sppdet.boxes import box_iou
     from sppdet.data import load_dataset
     from sppdet.detect import Detector
-    from sppdet.proposals import compute_proposals, get_preset
+    from sppdet.proposals import compute_proposals
 
     demo = tiny_demo["out"]
     index = demo / "report" / "index.html"
     assert "report:      sppdet-demo/report/index.html" in tiny_demo["summary"]
     assert assert_links_resolve_inside(index) > 0
 
-    det = Detector.from_checkpoint(demo / "run" / "model.pt", device="cpu")
+    # the demo's cache: eval/detect use the caller's cache, never the one a checkpoint records
+    det = Detector.from_checkpoint(demo / "run" / "model.pt", device="cpu", cache_dir=demo / "cache")
     ds = load_dataset(demo / "data", "test", classes=det.classes)
-    store = compute_proposals(ds, get_preset(det.cfg.proposals.mode, **det.cfg.proposals.overrides),
-                              det.cfg.proposals.max_boxes, workers=1, cache_dir=det.cache_dir, progress=False)
+    store = compute_proposals(ds, det.preset, det.max_boxes, workers=1, cache_dir=det.cache_dir, progress=False)
     hits, total = 0, 0
     for r in ds.records:
         props = store[r.image_id]
