@@ -28,6 +28,7 @@ COMMANDS = (
     "detect",
     "bench",
     "weights",
+    "export",
 )
 
 
