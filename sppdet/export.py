@@ -247,7 +247,9 @@ def build_head(model: SPPDetector) -> torch.jit.ScriptModule:
     if model.features.mode != "spp":
         raise ExportError(f"features.mode {model.features.mode!r}: only SPP-mode detectors can be exported "
                           "(R-CNN mode warps every window through the backbone)")
-    return torch.jit.script(ExportedHead(model).eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)        # torch.jit.script's deprecation notice
+        return torch.jit.script(ExportedHead(model).eval())
 
 
 # ---------------------------------------------------------------------------
@@ -272,21 +274,87 @@ def _resolved_copy(backbone: Backbone) -> nn.Module:
     return m
 
 
-class _PadTo(nn.Module):
-    """Zero-pads the input on the bottom/right to a multiple of ``multiple``, then runs ``core``."""
+class _ConvBN(nn.Module):
+    """``conv_bn`` of :mod:`sppdet.models.efficientnet_lite` in eval mode with its padding fixed:
+    the BatchNorm folded exactly as ``conv_bn`` folds it, the TensorFlow-SAME padding of an
+    even-sized input (what every stride-2 layer of Lite0 sees after its pad-to-16)."""
 
-    def __init__(self, core: nn.Module, multiple: int) -> None:
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, stride: int = 1, dilation: int = 1,
+                 same: bool = False) -> None:
         super().__init__()
-        self.core = core
-        self.multiple = int(multiple)
+        from .models.efficientnet_lite import _tf_pads
+
+        with torch.no_grad():
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            self.register_buffer("weight", (conv.weight * scale.reshape(-1, 1, 1, 1)).detach().clone())
+            self.register_buffer("bias", (bn.bias - bn.running_mean * scale).detach().clone())
+        k = int(conv.kernel_size[0])
+        self.stride, self.dilation, self.groups = int(stride), int(dilation), int(conv.groups)
+        p = _tf_pads(32, k, self.stride, self.dilation) if same else (0, 0)     # even n: the same for all
+        self.asym = p[0] != p[1]
+        self.fpad: List[int] = [p[0], p[1], p[0], p[1]]
+        self.cpad: List[int] = [0, 0] if self.asym else [p[0], p[0]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asym:
+            x = torch.nn.functional.pad(x, self.fpad)
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, [self.stride, self.stride], self.cpad,
+                                          [self.dilation, self.dilation], self.groups)
+
+
+class _MBConv(nn.Module):
+    def __init__(self, blk: nn.Module, stride: int | None = None, dilation: int = 1) -> None:
+        super().__init__()
+        s = blk.stride if stride is None else stride
+        self.has_expand = blk.expand != 1
+        self.expand = _ConvBN(blk._expand_conv, blk._bn0) if self.has_expand else nn.Identity()
+        self.dw = _ConvBN(blk._depthwise_conv, blk._bn1, s, dilation, same=True)
+        self.project = _ConvBN(blk._project_conv, blk._bn2)
+        self.has_skip = bool(blk.has_skip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.has_expand:
+            h = torch.nn.functional.relu6(self.expand(h))
+        h = torch.nn.functional.relu6(self.dw(h))
+        h = self.project(h)
+        if self.has_skip:
+            return h + x
+        return h
+
+
+class _Lite0(nn.Module):
+    """EfficientNet-Lite0's detection ``forward`` (:class:`sppdet.models.efficientnet_lite.EfficientNetLite0`)
+    in scriptable form: its Python code derives the TensorFlow-SAME padding from the input size, which
+    TorchScript cannot compile and tracing would freeze; after the pad to a multiple of 16 that padding
+    is one constant per layer."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        from .models.efficientnet_lite import C4_END
+
+        self.variant = str(net.variant)
+        self.stem = _ConvBN(net._conv_stem, net._bn0, 2, same=True)
+        self.c4 = nn.ModuleList([_MBConv(b) for b in net._blocks[:C4_END]])
+        tail = [_MBConv(net._blocks[C4_END], stride=1)] + [_MBConv(b, dilation=2) for b in net._blocks[C4_END + 1:]]
+        self.tail = nn.ModuleList(tail)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[2], x.shape[3]
-        ph = (self.multiple - H % self.multiple) % self.multiple
-        pw = (self.multiple - W % self.multiple) % self.multiple
+        ph, pw = (16 - H % 16) % 16, (16 - W % 16) % 16
         if ph > 0 or pw > 0:
             x = torch.nn.functional.pad(x, [0, pw, 0, ph])
-        return self.core(x)
+        h = torch.nn.functional.relu6(self.stem(x))
+        for blk in self.c4:
+            h = blk(h)
+        if self.variant == "c4":
+            return h
+        t = h
+        for blk in self.tail:
+            t = blk(t)
+        if self.variant == "dilated":
+            return t
+        return torch.cat([h, t], dim=1)
 
 
 #: Input sizes the exported backbone is checked on against the Python backbone (bit-exact).
@@ -294,26 +362,23 @@ CHECK_SIZES = ((67, 93), (48, 80), (101, 35))
 
 
 def build_backbone_module(backbone: Backbone) -> torch.jit.ScriptModule:
-    """The backbone as TorchScript: scripted where TorchScript compiles it (ZF-5, VGG16); Lite0
-    (whose TensorFlow-SAME padding is computed from the input size in Python) is traced on an input
-    that is a multiple of 16 -- where every padding is the same constant -- behind a scripted
-    pad-to-16 (what Lite0's own ``forward`` does first).  Either way the result is checked
-    bit-exactly against the Python backbone at a few odd input sizes.
+    """The backbone as TorchScript: ZF-5 and VGG16 scripted as they are; Lite0 (whose
+    TensorFlow-SAME padding is computed from the input size in Python) as :class:`_Lite0`, the
+    same layers with that padding fixed.  Either way the result is checked bit-exactly against
+    the Python backbone at a few odd input sizes.
 
     Raises:
         ExportError: the backbone cannot be expressed in TorchScript.
     """
     from .models.efficientnet_lite import EfficientNetLite0
 
-    m = _resolved_copy(backbone)
-    if isinstance(backbone, EfficientNetLite0):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")        # TracerWarnings: the sizes are constants on purpose
-            core = torch.jit.trace(m, torch.zeros(1, 3, 64, 96), check_trace=False)
-        scripted = torch.jit.script(_PadTo(core, 16))
-    else:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)        # torch.jit.script's deprecation notice
         try:
-            scripted = torch.jit.script(m)
+            if isinstance(backbone, EfficientNetLite0):
+                scripted = torch.jit.script(_Lite0(copy.deepcopy(backbone).cpu().eval()))
+            else:
+                scripted = torch.jit.script(_resolved_copy(backbone))
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"backbone {backbone.name}: TorchScript cannot compile it ({reason[:160]})") from None
