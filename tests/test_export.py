@@ -317,3 +317,27 @@ def test_export_is_listed_by_the_cli():
     r = subprocess.run([sys.executable, "-m", "sppdet", "export", "--help"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "--checkpoint" in r.stdout and "torchscript" in r.stdout
+
+
+def test_readme_snippet_runs_as_written_without_sppdet(exported, tmp_path):
+    """The README's Export snippet, copied out of README.md, in a fresh folder, in a fresh interpreter
+    that never imports sppdet (``-I``: no PYTHONPATH, no user site)."""
+    import re
+    import shutil
+
+    from sppdet.data.synthetic import make_synthetic
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Export"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "torch.jit.load" in code
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    shutil.copytree(exported["out"], work / "exported")
+    data = make_synthetic(tmp_path / "data", num_images=2, seed=4)
+    shutil.copy(sorted((data / "JPEGImages").glob("*.jpg"))[0], work / "photo.jpg")
+    code += "\nimport sys\nassert not any(m.startswith('sppdet') for m in sys.modules)\n"
+    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    name, score, box = r.stdout.split(" ", 2)
+    assert name in ("a", "b", "c") and np.isfinite(float(score)) and len(json.loads(box)) == 4
