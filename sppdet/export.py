@@ -247,9 +247,18 @@ def build_head(model: SPPDetector) -> torch.jit.ScriptModule:
     if model.features.mode != "spp":
         raise ExportError(f"features.mode {model.features.mode!r}: only SPP-mode detectors can be exported "
                           "(R-CNN mode warps every window through the backbone)")
+    return _script(ExportedHead(model))
+
+
+def _script(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of an inference module: eval mode, no parameter asks for gradients
+    (so outputs are plain tensors), without torch's deprecation notice."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)        # torch.jit.script's deprecation notice
-        return torch.jit.script(ExportedHead(model).eval())
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(module)
 
 
 # ---------------------------------------------------------------------------
@@ -372,16 +381,14 @@ def build_backbone_module(backbone: Backbone) -> torch.jit.ScriptModule:
     """
     from .models.efficientnet_lite import EfficientNetLite0
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)        # torch.jit.script's deprecation notice
-        try:
-            if isinstance(backbone, EfficientNetLite0):
-                scripted = torch.jit.script(_Lite0(copy.deepcopy(backbone).cpu().eval()))
-            else:
-                scripted = torch.jit.script(_resolved_copy(backbone))
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"backbone {backbone.name}: TorchScript cannot compile it ({reason[:160]})") from None
+    try:
+        if isinstance(backbone, EfficientNetLite0):
+            scripted = _script(_Lite0(copy.deepcopy(backbone).cpu().eval()))
+        else:
+            scripted = _script(_resolved_copy(backbone))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"backbone {backbone.name}: TorchScript cannot compile it ({reason[:160]})") from None
     ref = copy.deepcopy(backbone).cpu().eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
