@@ -194,7 +194,7 @@ class ExportedHead(nn.Module):
         m = fmap.to(torch.float32)
         if self.round_half:         # the Python detector pools its float16 conv5 cache
             m = m.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
-        b = windows.to(torch.float64).reshape(-1, 4) * factor
+        b = windows.to(device=m.device, dtype=torch.float64).reshape(-1, 4) * factor
         h, w = m.shape[2], m.shape[3]
         feat = self.pyramid(m, self.cells(b, h, w), self.levels)
         if self.context > 0.0:
@@ -218,7 +218,7 @@ class ExportedHead(nn.Module):
     @torch.jit.export
     def regress(self, pooled: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """Per-class boxes Tensor[N, K, 4] float32 of windows (original pixels) from pooled features."""
-        p = windows.to(torch.float64).reshape(-1, 4)
+        p = windows.to(device=pooled.device, dtype=torch.float64).reshape(-1, 4)
         N = p.shape[0]
         K = self.num_classes
         if not self.has_reg:
