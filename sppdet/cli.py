@@ -29,6 +29,7 @@ COMMANDS = (
     "detect",
     "bench",
     "weights",
+    "export",
 )
 
 #: Commands that use several processes under torchrun (see docs/DISTRIBUTED.md); any other
