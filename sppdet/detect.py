@@ -303,17 +303,21 @@ class Detector:
         """
         if total is None and hasattr(images, "__len__"):
             total = len(images)  # type: ignore[arg-type]
+        stream = self._stream(images, proposals, threads=threads, ahead=ahead)
         with progress(total=total, desc="detect", unit="img", disable=None if show_progress else True) as bar:
-            for image, prepared, err in self._stream(images, proposals, threads=threads, ahead=ahead):
-                if err is not None:
-                    if not skip_bad_images:
-                        raise err
+            try:
+                for image, prepared, err in stream:
+                    if err is not None:
+                        if not skip_bad_images:
+                            raise err
+                        bar.update(1)
+                        yield image, err
+                        continue
+                    out = self._detect_array(image, *prepared)
                     bar.update(1)
-                    yield image, err
-                    continue
-                out = self._detect_array(image, *prepared)
-                bar.update(1)
-                yield image, out
+                    yield image, out
+            finally:
+                stream.close()      # the images prefetched but not asked for are dropped
 
     def detect_dataset(self, dataset: Dataset, *, workers: int | None = None,
                        skip_bad_images: bool | None = None, show_progress: bool = True) -> dict[str, Detections]:
