@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 #: Per class, the best this many windows go into NMS (the rest cannot reach the top 100).
 PRE_NMS_TOP = 300
 
+#: Default cap on the threads that decode images and compute their proposals ahead of scoring.
+LOADER_THREADS = 8
+
 
 @dataclass
 class Detections:
@@ -262,11 +265,14 @@ class Detector:
 
         from .utils.prefetch import prefetch_map
 
-        n = int(threads) if threads else (self.workers if self.workers > 0 else (os.cpu_count() or 1))
+        if threads:
+            n = int(threads)
+        else:   # at most LOADER_THREADS by default: each holds a decoded full-size image
+            n = min(self.workers if self.workers > 0 else (os.cpu_count() or 1), LOADER_THREADS)
         n = max(1, n)
         props = proposals if proposals is not None else itertools.repeat(None)
         for (image, _), fut in prefetch_map(self._prepare, zip(images, props),
-                                            ahead=ahead if ahead else 2 * n, threads=n):
+                                            ahead=ahead if ahead else n + 2, threads=n):
             try:
                 yield image, fut.result(), None
             except ImageDecodeError as e:
@@ -293,8 +299,9 @@ class Detector:
             proposals: per image, its windows (ndarray[N, 4]) or None (computed); default: all computed.
             skip_bad_images: an image that cannot be decoded gives ``(image, ImageDecodeError)`` and
                 the others go on (nothing is logged: the caller reports it); False: it raises.
-            threads: loader threads (default: the detector's ``workers``; 0 there: all cores).
-            ahead: images prepared ahead (default ``2 * threads``).
+            threads: loader threads (default: the detector's ``workers``, 0 there meaning all cores,
+                at most :data:`LOADER_THREADS`).
+            ahead: images prepared ahead (default ``threads + 2``).
             show_progress: a progress bar with images/s (``total``: its length, when known).
 
         Yields:

@@ -263,7 +263,6 @@ def test_detect_cli_streams_reports_a_corrupt_image_once_and_writes_coco(tiny, t
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "coco_det.json", "coco_images.json",
                                                      "d.json"]
     det = Detector.from_checkpoint(tiny["ckpt"], device="cpu", cache_dir=tmp_path / "c2")
-    det.model.test.score_threshold = None
     index = json.loads((out / "coco_images.json").read_text())
     assert [(i["id"], Path(i["file_name"]).name) for i in index["images"]] == [(1, "a.jpg"), (2, "b.jpg"),
                                                                               (5, "d.jpg")]
@@ -276,9 +275,15 @@ def test_detect_cli_streams_reports_a_corrupt_image_once_and_writes_coco(tiny, t
         assert sorted(d["score"] for d in got) == sorted(float(s) for s in ref["scores"])
     gt, dt = _load(out / "coco_images.json", out / "coco_det.json")
     assert len(dt.getAnnIds()) == len(rows) > 0
-    # a rerun reuses the cached proposals and gives the same files
+    # a rerun reuses the cached proposals (none computed) and gives the same files
+    from sppdet.detect import detect_images, iter_image_paths
+
     before = (out / "coco_det.json").read_text()
-    assert main(["-q", *args]) == 2
+    det = Detector.from_checkpoint(tiny["ckpt"], device="cpu", cache_dir=tmp_path / "c")
+    res = list(detect_images(det, iter_image_paths([str(folder)]), out, threshold=-100, draw=False, coco=True,
+                             show_progress=False))
+    assert [p.name for p, r in res if isinstance(r, Exception)] == ["bz.jpg", "c.jpg"]
+    assert "proposals" not in det.timer.seconds and det.timer.images == 3
     assert (out / "coco_det.json").read_text() == before
 
 
