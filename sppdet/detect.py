@@ -3,6 +3,8 @@
 >>> det = Detector.from_checkpoint("sppdet-demo/run/model.pt", device="auto")
 >>> out = det("image.jpg")          # or an RGB uint8 array [H, W, 3]
 >>> out["boxes"], out["scores"], out["labels"]   # [M,4] original pixels, [M], [M]
+>>> for image, out in det.detect_many(["a.jpg", "b.png"]):   # streaming, next images prefetched
+...     print(image, len(out["boxes"]))
 
 Scores are SVM margins (0 is the SVMs' decision boundary; higher is more
 confident).  Boxes are float (x1, y1, x2, y2), 0-based continuous pixels of
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: Per class, the best this many windows go into NMS (the rest cannot reach the top 100).
 PRE_NMS_TOP = 300
+
+#: Default cap on the threads that decode images and compute their proposals ahead of scoring.
+LOADER_THREADS = 8
 
 
 @dataclass
@@ -226,22 +231,100 @@ class Detector:
         self.timer.add("nms", time.perf_counter() - t)
         return det
 
-    # ----------------------------------------------------------------- public
-    def __call__(self, image: str | Path | np.ndarray, proposals: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Detect objects in one image (a path or an RGB uint8 array [H, W, 3])."""
+    def _prepare(self, task: tuple[Any, np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """``(image, proposals or None)`` -> ``(RGB array, proposals, seconds per stage)``; thread-safe
+        (it touches neither the model nor the timer).  Raises ImageDecodeError."""
         from .proposals import selective_search
 
+        image, proposals = task
+        seconds = {}
         t = time.perf_counter()
         array = load_image(image) if not isinstance(image, np.ndarray) else image
-        h, w = array.shape[:2]
-        self.timer.add("load", time.perf_counter() - t)
+        seconds["load"] = time.perf_counter() - t
         if proposals is None:
             t = time.perf_counter()
             proposals = selective_search(array, self.preset, self.max_boxes)
-            self.timer.add("proposals", time.perf_counter() - t)
+            seconds["proposals"] = time.perf_counter() - t
+        return array, proposals, seconds
+
+    def _detect_array(self, image: Any, array: np.ndarray, proposals: np.ndarray,
+                      seconds: dict[str, float]) -> dict[str, np.ndarray]:
+        for stage, v in seconds.items():
+            self.timer.add(stage, v)
         key = None if isinstance(image, np.ndarray) else str(image)
         self.timer.images += 1
+        h, w = array.shape[:2]
         return self.detect_item((key, array), proposals, w, h).as_dict()
+
+    def _stream(self, images: Iterable[Any], proposals: Iterable[np.ndarray | None] | None, *,
+                threads: int | None, ahead: int | None):
+        """``(image, (array, proposals, seconds) | None, error | None)`` in input order, the next
+        images decoded (and proposed, when their proposals are not given) in background threads."""
+        import itertools
+        import os
+
+        from .utils.prefetch import prefetch_map
+
+        if threads:
+            n = int(threads)
+        else:   # at most LOADER_THREADS by default: each holds a decoded full-size image
+            n = min(self.workers if self.workers > 0 else (os.cpu_count() or 1), LOADER_THREADS)
+        n = max(1, n)
+        props = proposals if proposals is not None else itertools.repeat(None)
+        for (image, _), fut in prefetch_map(self._prepare, zip(images, props),
+                                            ahead=ahead if ahead else n + 2, threads=n):
+            try:
+                yield image, fut.result(), None
+            except ImageDecodeError as e:
+                yield image, None, e
+
+    # ----------------------------------------------------------------- public
+    def __call__(self, image: str | Path | np.ndarray, proposals: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Detect objects in one image (a path or an RGB uint8 array [H, W, 3])."""
+        return self._detect_array(image, *self._prepare((image, proposals)))
+
+    def detect_many(self, images: Iterable[str | Path | np.ndarray], *,
+                    proposals: Iterable[np.ndarray | None] | None = None, skip_bad_images: bool = False,
+                    threads: int | None = None, ahead: int | None = None, show_progress: bool = False,
+                    total: int | None = None):
+        """Detect objects in many images, streaming: a generator of ``(image, detections)`` in input order.
+
+        While one image is scored, the next are decoded and their selective-search proposals
+        computed in background threads (OpenCV and decoding release the GIL); at most ``ahead``
+        images wait decoded, so memory stays bounded however many images there are (``images``
+        is consumed lazily).  The results equal ``[det(im) for im in images]``.
+
+        Args:
+            images: paths or RGB uint8 arrays [H, W, 3] (any iterable, also a generator).
+            proposals: per image, its windows (ndarray[N, 4]) or None (computed); default: all computed.
+            skip_bad_images: an image that cannot be decoded gives ``(image, ImageDecodeError)`` and
+                the others go on (nothing is logged: the caller reports it); False: it raises.
+            threads: loader threads (default: the detector's ``workers``, 0 there meaning all cores,
+                at most :data:`LOADER_THREADS`).
+            ahead: images prepared ahead (default ``threads + 2``).
+            show_progress: a progress bar with images/s (``total``: its length, when known).
+
+        Yields:
+            ``(image, {"boxes", "scores", "labels"})`` as :meth:`__call__` returns, or
+            ``(image, ImageDecodeError)`` (with ``skip_bad_images``).
+        """
+        if total is None and hasattr(images, "__len__"):
+            total = len(images)  # type: ignore[arg-type]
+        stream = self._stream(images, proposals, threads=threads, ahead=ahead)
+        with progress(total=total, desc="detect", unit="img", disable=None if show_progress else True) as bar:
+            try:
+                for image, prepared, err in stream:
+                    if err is not None:
+                        if not skip_bad_images:
+                            raise err
+                        bar.update(1)
+                        yield image, err
+                        continue
+                    out = self._detect_array(image, *prepared)
+                    bar.update(1)
+                    yield image, out
+            finally:
+                stream.close()      # the images prefetched but not asked for are dropped
 
     def detect_dataset(self, dataset: Dataset, *, workers: int | None = None,
                        skip_bad_images: bool | None = None, show_progress: bool = True) -> dict[str, Detections]:
@@ -317,18 +400,43 @@ def records_for_images(paths: list[Path]) -> tuple[Dataset, dict[Path, ImageDeco
     return ds, failed
 
 
-def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, threshold: float | None = None,
-                  draw: bool = True, show_progress: bool = True):
-    """Detect on image files; write ``<out>/<stem>.json`` (and ``<stem>.jpg`` drawn) for each.
+#: The files ``detect --format coco`` writes into its output folder (results, image/category index).
+COCO_RESULTS, COCO_INDEX = "coco_det.json", "coco_images.json"
 
-    Proposals for all images are computed first, in parallel, through the proposal
-    store.  Yields ``(path, list_of_detection_dicts)`` per image, in input order, or
-    ``(path, ImageDecodeError)`` for an image that cannot be decoded (the rest go on;
-    each such image is reported once, by that error).
+
+def _cached_proposals(det: Detector, ds: Dataset):
+    """The proposal store of a folder of images: its path, settings and the boxes it holds already."""
+    from .proposals.store import default_store_path, image_key, load_if_valid, make_settings
+
+    path = default_store_path(det.cache_dir, ds, det.preset.key(), det.max_boxes)
+    settings = make_settings(det.preset, det.max_boxes, ds)
+    keys = {r.image_id: image_key(r) for r in ds.records}
+    store = load_if_valid(path, settings) if ds.records else None
+    known = {}
+    if store is not None:
+        known = {i: store[i] for i in keys if i in store and store.key_of(i) == keys[i]}
+    return path, settings, keys, known
+
+
+def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, threshold: float | None = None,
+                  draw: bool = True, show_progress: bool = True, coco: bool = False):
+    """Detect on image files, streaming; write ``<out>/<stem>.json`` (and ``<stem>.jpg`` drawn) for each.
+
+    Images are decoded and their proposals computed in background threads while the previous
+    one is scored (:meth:`Detector.detect_many`); proposals are cached in the proposal store of
+    this set of files (reused by a rerun).  Yields ``(path, list_of_detection_dicts)`` per image,
+    in input order, or ``(path, ImageDecodeError)`` once for an image that cannot be decoded
+    (the rest go on; nothing else reports it).
+
+    With ``coco``: also ``<out>/coco_det.json``, the kept detections as COCO results
+    (``image_id`` = the image's 1-based position in ``paths``, ``category_id`` = label + 1,
+    ``bbox = [x1, y1, x2 - x1, y2 - y1]``), and ``<out>/coco_images.json``, the index those ids
+    refer to (images: id, file_name = the path as given, size; categories: id, name), which
+    pycocotools loads as ``COCO`` (``loadRes`` then reads the results).
 
     Two inputs with the same stem (``a/x.jpg``, ``b/x.png``) get ``x``, ``x_1``, ...
-    (never a name another input already has), each logged with the input it came
-    from; every JSON names its input in ``"image"``.
+    (never a name another input already has, nor the COCO files' names), each logged with
+    the input it came from; every JSON names its input in ``"image"``.
 
     Raises:
         SppdetError: ``out_dir`` is the folder of one of the inputs (the drawn copies
@@ -336,7 +444,7 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
     """
     import json
 
-    from .proposals import compute_proposals
+    from .proposals.store import ProposalStore
     from .utils.io import atomic_write_text, refuse_output_over_inputs
     from .visualize import draw_detections, save_image
 
@@ -344,45 +452,74 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
     refuse_output_over_inputs(out, paths)
     out.mkdir(parents=True, exist_ok=True)
     ds, failed = records_for_images(paths)
+    store_path, settings, keys, known = _cached_proposals(det, ds)
+    computed: dict[str, np.ndarray] = {}
     by_path = {r.path: r for r in ds.records}
-    store = None
-    if ds.records:
-        by_id = {r.image_id: r.path for r in ds.records}
-        store = compute_proposals(ds, det.preset, det.max_boxes, workers=det.workers,
-                                  cache_dir=det.cache_dir, skip_bad_images=True, progress=show_progress,
-                                  on_skip=lambda image_id, msg: failed.__setitem__(by_id[image_id],
-                                                                                   ImageDecodeError(msg)))
-    names = _output_names(paths)
-    for p in paths:
-        if p in failed:
-            yield p, failed[p]
-            continue
-        rec = by_path[p]
-        try:
-            image = load_image(p)
-        except ImageDecodeError as e:
-            yield p, e
-            continue
-        props = store[rec.image_id] if store is not None and rec.image_id in store else None
-        d = det(image, proposals=props)
-        keep = d["scores"] >= threshold if threshold is not None else np.ones(len(d["scores"]), bool)
-        d = {k: v[keep] for k, v in d.items()}
-        items = detections_to_json(d, det.classes)
-        stem = names[p]
-        info = {"image": str(p), "width": int(image.shape[1]), "height": int(image.shape[0])}
-        if stem != p.stem:
-            info["output_name"] = stem
-        head = json.dumps(info)
-        body = ",\n  ".join(json.dumps(d) for d in items)
-        atomic_write_text(out / f"{stem}.json",
-                          head[:-1] + ', "detections": [' + (f"\n  {body}\n" if items else "") + "]}\n")
-        if draw:
-            save_image(draw_detections(image, d["boxes"], d["labels"], d["scores"], det.classes),
-                       out / f"{stem}.jpg")
-        yield p, items
+    good = [p for p in paths if p not in failed]
+    stream = det._stream(good, (known.get(by_path[p].image_id) for p in good), threads=None, ahead=None)
+    names = _output_names(paths, reserved=(Path(COCO_RESULTS).stem, Path(COCO_INDEX).stem) if coco else ())
+    coco_dets: dict[str, dict[str, np.ndarray]] = {}
+    position = {p: n for n, p in reversed(list(enumerate(paths, 1)))}
+    bar = progress(total=len(paths), desc="detect", unit="img", disable=None if show_progress else True)
+    try:
+        for p in paths:
+            if p in failed:
+                bar.update(1)
+                yield p, failed[p]
+                continue
+            _, prepared, err = next(stream)
+            bar.update(1)
+            if err is not None:
+                yield p, err
+                continue
+            rec = by_path[p]
+            image, props, _ = prepared
+            if rec.image_id not in known:
+                computed[rec.image_id] = props
+            d = det._detect_array(image, *prepared)    # an array: its conv5 maps are not cached
+            keep = d["scores"] >= threshold if threshold is not None else np.ones(len(d["scores"]), bool)
+            d = {k: v[keep] for k, v in d.items()}
+            if coco:
+                coco_dets.setdefault(rec.image_id, d)
+            items = detections_to_json(d, det.classes)
+            stem = names[p]
+            info = {"image": str(p), "width": int(image.shape[1]), "height": int(image.shape[0])}
+            if stem != p.stem:
+                info["output_name"] = stem
+            head = json.dumps(info)
+            body = ",\n  ".join(json.dumps(d) for d in items)
+            atomic_write_text(out / f"{stem}.json",
+                              head[:-1] + ', "detections": [' + (f"\n  {body}\n" if items else "") + "]}\n")
+            if draw:
+                save_image(draw_detections(image, d["boxes"], d["labels"], d["scores"], det.classes),
+                           out / f"{stem}.jpg")
+            yield p, items
+        if coco:
+            from .evaluation.coco import write_coco_results
+
+            done = [r for r in ds.records if r.image_id in coco_dets]
+            index = Dataset(name="images", split="detect", classes=list(det.classes), records=done,
+                            coco_category_ids=list(range(1, len(det.classes) + 1)),
+                            coco_image_ids={r.image_id: position[r.path] for r in done})
+            write_coco_results(out, index, {r.image_id: coco_dets[r.image_id] for r in done},
+                               results_name=COCO_RESULTS, index_name=COCO_INDEX, ground_truth=False)
+    finally:
+        bar.close()
+        stream.close()
+        if computed:    # what was computed is kept, also when the caller stops early
+            ids, boxes, kk, idx, kk_ids = [], [], [], [], set()
+            for n, r in enumerate(ds.records):
+                b = computed.get(r.image_id, known.get(r.image_id))
+                if b is not None and r.image_id not in kk_ids:
+                    kk_ids.add(r.image_id)
+                    ids.append(r.image_id)
+                    boxes.append(b)
+                    kk.append(keys[r.image_id])
+                    idx.append(n)
+            ProposalStore(ids, boxes, settings, image_keys=kk, indices=idx).save(store_path)
 
 
-def _output_names(paths: list[Path]) -> dict[Path, str]:
+def _output_names(paths: list[Path], reserved: tuple[str, ...] = ()) -> dict[Path, str]:
     """Output stem of each input: its own stem, or ``<stem>_<n>`` when an earlier input has it.
 
     A renamed input is logged with the input that holds the name, and the new name is
@@ -390,7 +527,7 @@ def _output_names(paths: list[Path]) -> dict[Path, str]:
     become ``a``, ``a_2``, ``a_1``).
     """
     own = {p.stem.lower() for p in paths}
-    taken: dict[str, Path] = {}
+    taken: dict[str, str] = {r.lower(): "the COCO results files" for r in reserved}
     out: dict[Path, str] = {}
     for p in paths:
         if p in out:
@@ -400,9 +537,9 @@ def _output_names(paths: list[Path]) -> dict[Path, str]:
             n = 1
             while f"{stem}_{n}".lower() in taken or f"{stem}_{n}".lower() in own:
                 n += 1
-            log.warning("%s: output name %s is taken by the input %s; writing this one's results as %s_%d",
+            log.warning("%s: output name %s is taken by %s; writing this one's results as %s_%d",
                         p, stem, taken[stem.lower()], stem, n)
             stem = f"{stem}_{n}"
-        taken[stem.lower()] = p
+        taken[stem.lower()] = f"the input {p}"
         out[p] = stem
     return out

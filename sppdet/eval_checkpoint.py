@@ -43,7 +43,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     Args:
         checkpoint: ``model.pt`` from ``sppdet train``.
         metric: ``voc07`` | ``voc12`` | ``coco``.
-        results_dir: where the ``comp4_det_<split>_<class>.txt`` files go; default: ``<report_dir>/results``
+        results_dir: where the ``comp4_det_<split>_<class>.txt`` files (and the same detections as
+            COCO results, ``coco_det_<split>.json``, with their ids in ``coco_gt_<split>.json``) go; default: ``<report_dir>/results``
             with a report, else a temporary folder removed after scoring (``results_dir`` of the
             returned evaluation is then ``None``).  Nothing is written next to the checkpoint.
         report_dir: also write an HTML report there.
@@ -75,10 +76,24 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     return ev
 
 
+def coco_results_names(split: str) -> tuple[str, str]:
+    """The COCO results file and its index (images, categories, ground truth) ``eval`` writes."""
+    return f"coco_det_{split}.json", f"coco_gt_{split}.json"
+
+
 def _score(det: Detector, ds: Dataset, dets: dict[str, Detections], out: Path, split: str,
            metric: str) -> EvalResult:
-    """Write the results files into ``out`` and score them as written (as ``sppdet evaluate`` does)."""
-    write_voc_results(out, split, det.classes, {i: dets[i] for i in (r.image_id for r in ds) if i in dets})
+    """Write the results files into ``out`` and score them as written (as ``sppdet evaluate`` does).
+
+    Beside the VOC files go the same detections as a COCO results JSON and its index
+    (:func:`sppdet.evaluation.coco.write_coco_results`; names: :func:`coco_results_names`).
+    """
+    from .evaluation.coco import write_coco_results
+
+    ordered = {i: dets[i] for i in (r.image_id for r in ds) if i in dets}
+    write_voc_results(out, split, det.classes, ordered)
+    res_name, idx_name = coco_results_names(split)
+    write_coco_results(out, ds, ordered, results_name=res_name, index_name=idx_name)
     if metric == "coco":
         from .evaluation.coco import evaluate_coco, voc_results_to_detections
 

@@ -12,7 +12,14 @@ def register(sub) -> None:
         "eval", help="detect on a split with a trained checkpoint and score it",
         description="Runs the detector over a split (proposals and conv5 maps cached and reused), writes "
                     "VOC results files comp4_det_<split>_<class>.txt, scores them with the devkit-exact "
-                    "evaluator (the same code as `sppdet evaluate`) and prints the per-class AP table.")
+                    "evaluator (the same code as `sppdet evaluate`) and prints the per-class AP table. "
+                    "Beside the VOC files it writes the same detections as COCO results, coco_det_<split>.json "
+                    "([{image_id, category_id, bbox: [x, y, w, h], score}], for pycocotools' COCO.loadRes), "
+                    "and coco_gt_<split>.json: the split as a COCO instances file (images with file_name and "
+                    "sppdet_image_id, categories, ground truth) that those ids refer to. COCO-format data keeps "
+                    "its own image and category ids; other data numbers images 1, 2, ... in split order and "
+                    "classes 1, 2, ... in class order. bbox = [x1, y1, x2 - x1, y2 - y1] of sppdet's 0-based "
+                    "continuous pixel boxes.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.pt written by sppdet train")
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset root")
     p.add_argument("--split", default="test", metavar="S", help="split to evaluate (default: test)")

@@ -5,7 +5,9 @@ internal box is simply ``(x, y, x + w, y + h)`` (no 1-pixel shift, unlike VOC).
 ``iscrowd`` becomes the ``difficult`` flag (a crowd region is neither a true
 nor a false positive, as a VOC difficult object).  Category ids are mapped to
 0-based contiguous labels in increasing category-id order, or to the given
-``classes`` by name.  Image ids become strings.
+``classes`` by name.  Image ids become strings; the file's own image and
+category ids are kept on the Dataset (``coco_image_ids``, ``coco_category_ids``)
+so that results written for this data use them.
 """
 
 from __future__ import annotations
@@ -169,8 +171,22 @@ def load_coco(annotations_json: str | Path, image_dir: str | Path,
         ))
     if not records:
         raise DatasetError(f"{path}: no usable images")
+    # the file's own ids, for results written on this data; a class without a category in the
+    # file gets the next free id (no ground truth can match it)
+    by_name: dict[str, Any] = {}
+    for c in cats:
+        by_name.setdefault(cat_names[c["id"]], c["id"])
+    free = max([c["id"] for c in cats if isinstance(c["id"], int)] + [0]) + 1
+    category_ids = []
+    for name in class_list:
+        if name not in by_name:
+            by_name[name] = free
+            free += 1
+        category_ids.append(by_name[name])
+    image_ids = {str(img["id"]): img["id"] for img in data["images"]}
     return Dataset(name=image_dir.name, split=split or path.stem, classes=class_list,
-                   records=records, root=image_dir)
+                   records=records, root=image_dir, coco_category_ids=category_ids,
+                   coco_image_ids={r.image_id: image_ids[r.image_id] for r in records})
 
 
 def coco_dict(dataset: Dataset, image_dir: str | Path | None = None) -> dict[str, Any]:

@@ -80,13 +80,21 @@ class ImageRecord:
 
 @dataclass
 class Dataset:
-    """A split of a dataset: its class names and its image records, in split order."""
+    """A split of a dataset: its class names and its image records, in split order.
+
+    ``coco_category_ids`` / ``coco_image_ids`` are set by the COCO reader only: the instances
+    file's category id of each class (in class order) and image id of each record (record
+    ``image_id`` -> the JSON's id, as it was there), so results written for that data use the
+    file's own ids (:mod:`sppdet.evaluation.coco`).
+    """
 
     name: str
     split: str
     classes: list[str]
     records: list[ImageRecord]
     root: Path | None = None
+    coco_category_ids: list | None = None
+    coco_image_ids: dict | None = None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -14,6 +14,18 @@ module's logger at DEBUG level.
 pycocotools keeps at most 100 detections per image and class (``maxDets``)
 and interpolates precision at 101 recall points; those are COCO's rules, not
 the VOC devkit's.
+
+**Ids** (:func:`coco_ids`, the same for the ground truth scored here and for the
+results files other tools read): data read from a COCO instances file keeps
+that file's own image ids and category ids; any other data (VOC, synthetic, a
+folder of images) numbers its images 1, 2, ... in split order and its classes
+``label + 1``.  :func:`write_coco_results` writes the results
+(``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``, what
+``COCO.loadRes`` reads) and an index beside them: a COCO instances file with
+the ``images`` (id, ``file_name``, size, and sppdet's own id as
+``sppdet_image_id``), the ``categories`` (id, name) and, where there is ground
+truth, the ``annotations`` scored here, so other tools can join the ids back
+to files and class names and evaluate with pycocotools directly.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -47,32 +60,136 @@ def _quiet_pycocotools(what: str):
                 log.debug("pycocotools %s: %s", what, line)
 
 
-def _coco(images: list[dict], anns: list[dict], classes: Sequence[str]):
+def _coco(images: list[dict], anns: list[dict], categories: list[dict]):
     from pycocotools.coco import COCO
 
     c = COCO()
-    c.dataset = {"images": images, "annotations": anns,
-                 "categories": [{"id": k + 1, "name": name} for k, name in enumerate(classes)]}
+    c.dataset = {"images": images, "annotations": anns, "categories": categories}
     with _quiet_pycocotools("index"):
         c.createIndex()
     return c
 
 
-def coco_ground_truth(dataset: Dataset):
-    """A pycocotools ``COCO`` object for the dataset's ground truth.
+def coco_ids(dataset: Dataset) -> tuple[dict[str, Any], list[Any]]:
+    """The COCO ids of a split: ``(record image id -> COCO image id, category id of each class)``.
 
-    Image ``i`` of the split (0-based) gets COCO id ``i + 1``; class ``k`` gets
-    category id ``k + 1``.  Difficult objects -> ``iscrowd = 1``.
+    Data read by :func:`sppdet.data.coco.load_coco` keeps its instances file's ids (a class
+    the file has no category for got the next free id there).  Any other data: image ``i``
+    of the split (0-based) is ``i + 1``, class ``k`` is ``k + 1``.
     """
+    img, cat = dataset.coco_image_ids, dataset.coco_category_ids
+    if img is not None and cat is not None and len(cat) == len(dataset.classes) \
+            and all(r.image_id in img for r in dataset.records):
+        return {r.image_id: img[r.image_id] for r in dataset.records}, list(cat)
+    return ({r.image_id: i for i, r in enumerate(dataset.records, 1)},
+            list(range(1, len(dataset.classes) + 1)))
+
+
+def _file_name(path: Path, root: Path | None) -> str:
+    if root is None:
+        return str(path)
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def coco_index(dataset: Dataset, *, ground_truth: bool = True) -> dict[str, Any]:
+    """The split as a COCO instances dict with :func:`coco_ids`' ids.
+
+    ``images``: ``id``, ``file_name`` (relative to ``dataset.root``; the path as given when the
+    dataset has no root), ``width``, ``height``, ``sppdet_image_id``; ``categories``: ``id``,
+    ``name``; ``annotations``: the ground truth (``bbox = [x1, y1, x2 - x1, y2 - y1]`` of the
+    internal boxes, ``area = w * h``, difficult -> ``iscrowd = 1``), or ``[]`` with
+    ``ground_truth=False``.
+    """
+    ids, cats = coco_ids(dataset)
     images, anns = [], []
-    for i, r in enumerate(dataset.records, 1):
-        images.append({"id": i, "width": int(r.width), "height": int(r.height), "file_name": r.path.name})
+    for r in dataset.records:
+        i = ids[r.image_id]
+        images.append({"id": i, "width": int(r.width), "height": int(r.height),
+                       "file_name": _file_name(r.path, dataset.root), "sppdet_image_id": r.image_id})
+        if not ground_truth:
+            continue
         for b, lab, diff in zip(r.boxes.astype(np.float64), r.labels, r.difficult):
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(lab) + 1,
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cats[int(lab)],
                          "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h,
                          "iscrowd": int(bool(diff))})
-    return _coco(images, anns, dataset.classes)
+    return {"info": {"description": f"{dataset.name} {dataset.split} (written by sppdet)",
+                     "bbox": "[x, y, w, h] = [x1, y1, x2 - x1, y2 - y1] of sppdet's 0-based continuous "
+                             "pixel boxes (COCO's convention, no +1)"},
+            "images": images, "annotations": anns,
+            "categories": [{"id": cats[k], "name": name} for k, name in enumerate(dataset.classes)]}
+
+
+def coco_ground_truth(dataset: Dataset):
+    """A pycocotools ``COCO`` object for the dataset's ground truth (:func:`coco_index`).
+
+    Ids: :func:`coco_ids`.  Difficult objects -> ``iscrowd = 1``.
+    """
+    d = coco_index(dataset)
+    return _coco(d["images"], d["annotations"], d["categories"])
+
+
+def coco_results(dataset: Dataset, detections: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[dict]:
+    """Detections as a COCO results list (what ``COCO.loadRes`` reads), ids by :func:`coco_ids`.
+
+    Args:
+        dataset: the images the detections belong to (ids, classes).
+        detections: image id -> detections (or pairs, in image order): ``boxes`` (ndarray[N, 4]
+            internal 0-based continuous), ``scores``, ``labels`` (indices into ``dataset.classes``).
+
+    Returns:
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]`` per image in the given
+        order, by decreasing score within an image.  The boxes are the very values the VOC
+        results files hold (:func:`sppdet.evaluation.voc.write_voc_results`: two decimals),
+        converted back: ``[x1, y1, x2 - x1, y2 - y1]``; the score is the same float.
+
+    Raises:
+        ResultsError: a detection in an image that is not in ``dataset``.
+        ValueError: a label out of range, a non-finite box or a NaN score.
+    """
+    from .voc import _unpack, as_written
+
+    ids, cats = coco_ids(dataset)
+    out: list[dict] = []
+    for image_id, det in _items(detections):
+        if image_id not in ids:
+            raise ResultsError(f"detections: unrecognized image {image_id!r} (not in the split)")
+        vb, sc, lab = _unpack(image_id, det, len(dataset.classes))
+        vb = as_written(vb)
+        for j in np.argsort(-sc, kind="stable"):
+            x1, y1, x2, y2 = float(vb[j, 0]) - 1.0, float(vb[j, 1]) - 1.0, float(vb[j, 2]), float(vb[j, 3])
+            out.append({"image_id": ids[image_id], "category_id": cats[int(lab[j])],
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": float(sc[j])})
+    return out
+
+
+def write_coco_results(out_dir: str | Path, dataset: Dataset,
+                       detections: Mapping[str, Any] | Iterable[tuple[str, Any]], *,
+                       results_name: str, index_name: str, ground_truth: bool = True) -> tuple[Path, Path]:
+    """Write :func:`coco_results` and :func:`coco_index` as two JSON files in ``out_dir`` (atomically).
+
+    Load them with ``gt = COCO(index); dt = gt.loadRes(results)``.
+
+    Returns:
+        ``(results file, index file)``.
+    """
+    import json
+
+    from ..utils.io import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = coco_results(dataset, detections)
+    res_path, idx_path = out / results_name, out / index_name
+    body = ",\n ".join(json.dumps(d) for d in results)
+    atomic_write_text(res_path, "[" + body + "]\n")
+    atomic_write_text(idx_path, json.dumps(coco_index(dataset, ground_truth=ground_truth)) + "\n")
+    log.debug("wrote %d COCO results to %s (index %s)", len(results), res_path, idx_path)
+    return res_path, idx_path
 
 
 def _items(detections: Mapping[str, Any] | Iterable[tuple[str, Any]]):
@@ -147,7 +264,7 @@ def evaluate_coco(dataset: Dataset, detections: Mapping[str, Any] | Iterable[tup
     if unknown:
         raise ValueError(f"classes {unknown} are not classes of the dataset ({dataset.classes})")
     gt = coco_ground_truth(dataset)
-    index = {r.image_id: i for i, r in enumerate(dataset.records, 1)}
+    index, cats = coco_ids(dataset)
     anns: list[dict] = []
     for image_id, det in _items(detections):
         if image_id not in index:
@@ -160,12 +277,12 @@ def evaluate_coco(dataset: Dataset, detections: Mapping[str, Any] | Iterable[tup
         for b, s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
             w, h = b[2] - b[0], b[3] - b[1]
             # the fields COCO.loadRes adds for a bbox result
-            anns.append({"id": len(anns) + 1, "image_id": index[image_id], "category_id": lab + 1,
+            anns.append({"id": len(anns) + 1, "image_id": index[image_id], "category_id": cats[lab],
                          "bbox": [b[0], b[1], w, h], "area": w * h, "score": s, "iscrowd": 0,
                          "segmentation": [[b[0], b[1], b[0], b[3], b[2], b[3], b[2], b[1]]]})
-    dt = _coco(gt.dataset["images"], anns, dataset.classes)
+    dt = _coco(gt.dataset["images"], anns, gt.dataset["categories"])
     ev = COCOeval(gt, dt, "bbox")
-    cat_ids = sorted(dataset.classes.index(c) + 1 for c in classes)   # COCOeval sorts them too
+    cat_ids = sorted(cats[dataset.classes.index(c)] for c in classes)   # COCOeval sorts them too
     ev.params.catIds = cat_ids
     with _quiet_pycocotools("evaluate"):
         ev.evaluate()
@@ -185,7 +302,7 @@ def evaluate_coco(dataset: Dataset, detections: Mapping[str, Any] | Iterable[tup
     per_class: dict[str, ClassResult] = {}
     for c in classes:
         k = dataset.classes.index(c)
-        p = prec[:, :, cat_ids.index(k + 1), a_all, m_100]
+        p = prec[:, :, cat_ids.index(cats[k]), a_all, m_100]
         valid = p[p > -1]
         ap[c] = float(valid.mean()) if valid.size else float("nan")
         p50 = p[0].astype(np.float64)
