@@ -280,7 +280,24 @@ def selective_search(image: np.ndarray, preset: str | Preset = "fast", max_boxes
     image = _check_image(image)
     p = get_preset(preset)
     height, width = image.shape[:2]
-    runs = list(raw_runs(image, p))
+    return combine_runs(list(raw_runs(image, p)), p, width, height, max_boxes)
+
+
+def combine_runs(runs: list[np.ndarray], preset: str | Preset, width: int, height: int,
+                 max_boxes: int = 2000) -> np.ndarray:
+    """Filter, merge and rank the boxes of a preset's runs (the second half of :func:`selective_search`).
+
+    Args:
+        runs: one ndarray[N_r, 4] float32 per run of ``preset`` (original pixels,
+            as :func:`raw_runs` yields them, each box at most once per run).
+        preset: the preset (its filters and order settings are used).
+        width, height: the original image size.
+        max_boxes: cap (``<= 0``: none).
+
+    Returns:
+        ndarray[N, 4] float32, as :func:`selective_search`.
+    """
+    p = get_preset(preset)
     boxes = np.concatenate(runs) if runs else np.zeros((0, 4), np.float32)
     wh = boxes[:, 2:] - boxes[:, :2]
     ok = (wh[:, 0] > 0) & (wh[:, 1] > 0) & (wh[:, 0] >= p.min_box_size) & (wh[:, 1] >= p.min_box_size)
