@@ -137,6 +137,30 @@ def test_extra_runs_are_runs_like_the_product():
             Preset(extra_runs=(bad,))
 
 
+def test_strategies_joined_by_plus_share_one_segmentation_and_union_their_boxes():
+    from sppdet.proposals.selective_search import grouping_run
+
+    img = convert_colour(scene(seed=4), "hsv")
+
+    def rect_set(strategy):
+        return {tuple(r) for r in grouping_run(img, 60.0, 0.8, 20, strategy).tolist()}
+
+    joined = rect_set("fst+cfst+s")
+    assert joined == rect_set("fst") | rect_set("cfst") | rect_set("s")
+    assert len(joined) > len(rect_set("fst"))
+    # one run, one vote: the joined run ranks its boxes as one run
+    p = Preset(colour_spaces=("hsv",), ks=(60.0,), strategies=("fst+cfst+s",), min_segment=20)
+    assert p.num_runs == 1 and p.runs()[0][3] == "fst+cfst+s"
+    assert p.key() != Preset(colour_spaces=("hsv",), ks=(60.0,), strategies=("fst", "cfst", "s"),
+                             min_segment=20).key()
+    assert Preset(extra_runs=("0:lab:80:cfst+f",)).runs()[-1] == (0, "lab", 80.0, "cfst+f")
+    for bad in ("fst+", "+fst", "fst+fst", "fst+cx", "ff+s"):
+        with pytest.raises(ConfigError, match="strategy"):
+            Preset(strategies=(bad,))
+        with pytest.raises(ConfigError, match="extra_runs"):
+            Preset(extra_runs=(f"0:hsv:100:{bad}",))
+
+
 # ---------------------------------------------------------------------------
 # Ranking against a slow reference
 

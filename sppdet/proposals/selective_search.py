@@ -9,8 +9,9 @@ adds around it:
   similarity strategies.  Every combination is one *run*: the image is resized
   (INTER_AREA) so its longer side is at most ``max_side``, converted to the
   colour space, over-segmented by Felzenszwalb-Huttenlocher (``k``, ``sigma``,
-  ``min_segment``) and grouped hierarchically with one strategy.  A run gives
-  the set of bounding boxes of all regions of its hierarchy.  ``extra_runs``
+  ``min_segment``) and grouped hierarchically with one strategy (or with each
+  of several joined by ``+``, sharing the segmentation).  A run gives the set
+  of bounding boxes of all regions of its hierarchy (hierarchies).  ``extra_runs``
   add single runs outside that product (e.g. a colour strategy for two colour
   spaces only).
 * **Coordinates.** An OpenCV rect ``(x, y, w, h)`` of the segmentation image
@@ -135,17 +136,20 @@ def grouping_run(image: np.ndarray, k: float, sigma: float, min_segment: int,
         image (ndarray[h, w, C] or ndarray[h, w] uint8): the segmentation image
             (already in its colour space).
         k, sigma, min_segment: Felzenszwalb-Huttenlocher parameters.
-        strategy: letters from ``"cfst"`` (colour, fill, size, texture), equal weights.
+        strategy: letters from ``"cfst"`` (colour, fill, size, texture), equal weights;
+            several such strings joined by ``+`` group the same segmentation once each.
 
     Returns:
         ndarray[N, 4] int32: OpenCV rects ``(x, y, w, h)`` of all regions of the
-        hierarchy, each once, in OpenCV's (pseudo-random) order.
+        hierarchy (of all hierarchies, for ``+``), each once, in OpenCV's
+        (pseudo-random) order.
     """
     ss = _SEG.createSelectiveSearchSegmentation()
     ss.addImage(image)
     ss.addGraphSegmentation(_SEG.createGraphSegmentation(float(sigma), float(k), int(min_segment)))
-    ss.addStrategy(_SEG.createSelectiveSearchSegmentationStrategyMultiple(
-        *[_STRATEGY_FACTORIES[ch]() for ch in strategy]))
+    for part in strategy.split("+"):
+        ss.addStrategy(_SEG.createSelectiveSearchSegmentationStrategyMultiple(
+            *[_STRATEGY_FACTORIES[ch]() for ch in part]))
     rects = ss.process()
     return np.asarray(rects, dtype=np.int32).reshape(-1, 4)
 
