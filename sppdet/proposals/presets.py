@@ -204,16 +204,18 @@ def strategy_ok(strategy: str) -> bool:
 
 
 _PRESETS: dict[str, Preset] = {
-    # Tuned with `sppdet bench proposals` on voc2012_sample100 (docs/PROPOSALS.md).
+    # Tuned with `sppdet bench proposals --run-cache` on 250 voc2007_sub trainval images only
+    # (docs/PROPOSALS.md, "Tuning protocol"): two full-size segmentations (HSV, Lab) for small
+    # objects, each grouped four ways, plus three cheap 300 px segmentations for the larger ones.
     "fast": Preset(
         name="fast",
-        colour_spaces=("hsv", "lab", "rgi", "h"),
-        ks=(50.0, 100.0, 200.0),
+        colour_spaces=("hsv", "lab"),
+        ks=(150.0,),
         sigma=0.8,
         min_segment=100,
-        strategies=("fst",),
-        max_sides=(300,),
-        extra_runs=("300:hsv:100:cfst", "300:lab:100:cfst"),
+        strategies=("fst+f+s+t",),
+        max_sides=(0,),
+        extra_runs=("300:hsv:100:cfst+fst+f+s", "300:lab:100:cfst+fst+f+s", "300:rgi:100:fst+f+s+t"),
         min_box_size=16.0,
         area_exponent=0.5,
         demote_iou=0.85,
