@@ -55,3 +55,36 @@ def test_run_key_separates_settings_and_corrupt_files_are_recomputed(tmp_path):
     # a run's rects come in OpenCV's pseudo-random order: compare the sets
     np.testing.assert_array_equal(np.unique(again, axis=0), np.unique(boxes, axis=0))
     assert cache.computed == 2
+
+
+def test_bench_run_cache_gives_the_same_boxes_and_recall_and_reuses_runs(tmp_path, capsys):
+    import json
+
+    from test_proposal_store import write_voc
+
+    from sppdet.cli import main
+
+    voc = write_voc(tmp_path / "voc", n=2)
+    args = ["bench", "proposals", "--data", str(voc), "--split", "train", "--presets", "fast", "--json",
+            "--variant", "small fast max_sides=64 extra_runs="]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    cached = []
+    for _ in range(2):
+        assert main(args + ["--run-cache", str(tmp_path / "rc")]) == 0
+        cached.append(json.loads(capsys.readouterr().out))
+    assert cached[0]["run_cache"]["computed"] > 0
+    assert cached[1]["run_cache"]["computed"] == 0 and cached[1]["run_cache"]["reused"] > 0
+    assert cached[0]["timing"].startswith("estimated") and plain["timing"].startswith("measured")
+    for d in cached:
+        for a, b in zip(plain["results"], d["results"]):
+            assert a["preset"] == b["preset"]
+            # (OpenCV's stock order is pseudo-random, so its first-K figures may differ)
+            keys = ("boxes_per_img", "recall@0.5", "recall@0.7", "AR") + (
+                () if a["preset"] == "opencv-stock-fast" else ("AR_first100", "recall@0.5_first500"))
+            for k in keys:
+                assert a[k] == b[k], (a["preset"], k)
+            assert b["s_per_img_cpu"] > 0
+    # --shard picks every N-th image
+    assert main(args + ["--shard", "2/2"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1

@@ -258,6 +258,20 @@ def test_presets_exist_and_keys_are_stable():
     assert Preset(ks=[150, 300, 450]).key() == Preset(ks=(150.0, 300.0, 450.0)).key()
 
 
+def test_previous_default_kept_as_fast_300_with_its_cache_key():
+    # "fast" changed in issue 15; "fast-300" is the previous default, setting for setting, so
+    # configs and caches made with it keep their boxes (this key is the old "fast" store key).
+    old = get_preset("fast-300")
+    assert old.key() == "a1ecf8b225cdca30"
+    assert old.max_sides == (300,) and old.num_runs == 14
+    new = get_preset("fast")
+    assert new.key() != old.key() and new.num_runs == 5
+    # the new default segments at up to 500 px: a VOC-sized image is segmented at its own size
+    img = scene(120, 160, seed=6)
+    np.testing.assert_array_equal(selective_search(img, get_preset(new, ks=(30.0,)), 0),
+                                  selective_search(img, get_preset(new, ks=(30.0,), max_sides=(0,)), 0))
+
+
 def test_preset_errors_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="unknown proposal preset"):
         get_preset("bogus")

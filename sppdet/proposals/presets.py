@@ -9,6 +9,8 @@ Presets (see ``docs/PROPOSALS.md`` for how they were tuned and measured):
 
 * ``fast`` -- the default for training and testing, as in the paper (which used
   selective search "fast").
+* ``fast-300`` -- the previous default (every run at 300 px): cheaper on large photos,
+  lower recall of small objects.
 * ``quality`` -- more colour spaces, thresholds and strategies: higher recall and
   better localisation (AR) for more time and boxes.
 * ``opencv-fast`` / ``opencv-quality`` -- OpenCV's stock
@@ -207,6 +209,8 @@ _PRESETS: dict[str, Preset] = {
     # Tuned with `sppdet bench proposals --run-cache` on 250 voc2007_sub trainval images only
     # (docs/PROPOSALS.md, "Tuning protocol"): two full-size segmentations (HSV, Lab) for small
     # objects, each grouped four ways, plus three cheap 300 px segmentations for the larger ones.
+    # "Full size" is capped at 500 px (VOC's own size: identical there) so that the time per
+    # image stays bounded on large photos.
     "fast": Preset(
         name="fast",
         colour_spaces=("hsv", "lab"),
@@ -214,8 +218,23 @@ _PRESETS: dict[str, Preset] = {
         sigma=0.8,
         min_segment=100,
         strategies=("fst+f+s+t",),
-        max_sides=(0,),
+        max_sides=(500,),
         extra_runs=("300:hsv:100:cfst+fst+f+s", "300:lab:100:cfst+fst+f+s", "300:rgi:100:fst+f+s+t"),
+        min_box_size=16.0,
+        area_exponent=0.5,
+        demote_iou=0.85,
+    ),
+    # The default of the previous round (tuned on all of voc2012_sample100; docs/PROPOSALS.md):
+    # 14 runs, all at 300 px.  Kept so configs that override it keep their boxes and caches.
+    "fast-300": Preset(
+        name="fast-300",
+        colour_spaces=("hsv", "lab", "rgi", "h"),
+        ks=(50.0, 100.0, 200.0),
+        sigma=0.8,
+        min_segment=100,
+        strategies=("fst",),
+        max_sides=(300,),
+        extra_runs=("300:hsv:100:cfst", "300:lab:100:cfst"),
         min_box_size=16.0,
         area_exponent=0.5,
         demote_iou=0.85,
