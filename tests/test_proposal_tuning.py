@@ -34,6 +34,13 @@ def test_cached_boxes_identical_to_uncached_and_runs_computed_once(tmp_path):
     b, _ = selective_search_cached(cache, "img1", image, w, h, other, 0)
     np.testing.assert_array_equal(b, selective_search(img, other, 0))
     assert cache.computed == TINY.num_runs and decodes == []
+    # a run whose max_side is at least the image's size is the original-size run: shared
+    n = cache.computed
+    big = Preset(name="big", colour_spaces=("hsv",), ks=(50.0,), min_segment=20, strategies=("fst",),
+                 max_sides=(max(h, w),), min_box_size=2.0, demote_iou=0.9)
+    d, _ = selective_search_cached(cache, "img1", image, w, h, big, 0)
+    np.testing.assert_array_equal(d, selective_search(img, big, 0))
+    assert cache.computed == n
     # a fresh cache object on the same folder reads everything back
     cache2 = RunCache(tmp_path / "rc")
     c, _ = selective_search_cached(cache2, "img1", image, w, h, TINY, 40)

@@ -131,6 +131,8 @@ def selective_search_cached(cache: RunCache, image_key: str, image: Callable[[],
     p = get_preset(preset)
     runs, seconds = [], 0.0
     for run in p.runs():
+        if run[0] >= max(width, height):  # segmented at the original size, like max_side 0: share it
+            run = (0,) + tuple(run[1:])
         boxes, sec = cache.get(image_key, image, run, p.sigma, p.min_segment)
         runs.append(boxes)
         seconds += sec
