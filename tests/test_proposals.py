@@ -137,6 +137,30 @@ def test_extra_runs_are_runs_like_the_product():
             Preset(extra_runs=(bad,))
 
 
+def test_strategies_joined_by_plus_share_one_segmentation_and_union_their_boxes():
+    from sppdet.proposals.selective_search import grouping_run
+
+    img = convert_colour(scene(seed=4), "hsv")
+
+    def rect_set(strategy):
+        return {tuple(r) for r in grouping_run(img, 60.0, 0.8, 20, strategy).tolist()}
+
+    joined = rect_set("fst+cfst+s")
+    assert joined == rect_set("fst") | rect_set("cfst") | rect_set("s")
+    assert len(joined) > len(rect_set("fst"))
+    # one run, one vote: the joined run ranks its boxes as one run
+    p = Preset(colour_spaces=("hsv",), ks=(60.0,), strategies=("fst+cfst+s",), min_segment=20)
+    assert p.num_runs == 1 and p.runs()[0][3] == "fst+cfst+s"
+    assert p.key() != Preset(colour_spaces=("hsv",), ks=(60.0,), strategies=("fst", "cfst", "s"),
+                             min_segment=20).key()
+    assert Preset(extra_runs=("0:lab:80:cfst+f",)).runs()[-1] == (0, "lab", 80.0, "cfst+f")
+    for bad in ("fst+", "+fst", "fst+fst", "fst+cx", "ff+s"):
+        with pytest.raises(ConfigError, match="strategy"):
+            Preset(strategies=(bad,))
+        with pytest.raises(ConfigError, match="extra_runs"):
+            Preset(extra_runs=(f"0:hsv:100:{bad}",))
+
+
 # ---------------------------------------------------------------------------
 # Ranking against a slow reference
 
@@ -232,6 +256,20 @@ def test_presets_exist_and_keys_are_stable():
     assert get_preset("fast", ks=(10.0, 20.0)).key() != a.key()
     # lists and tuples, ints and floats give the same settings
     assert Preset(ks=[150, 300, 450]).key() == Preset(ks=(150.0, 300.0, 450.0)).key()
+
+
+def test_previous_default_kept_as_fast_300_with_its_cache_key():
+    # "fast" changed in issue 15; "fast-300" is the previous default, setting for setting, so
+    # configs and caches made with it keep their boxes (this key is the old "fast" store key).
+    old = get_preset("fast-300")
+    assert old.key() == "a1ecf8b225cdca30"
+    assert old.max_sides == (300,) and old.num_runs == 14
+    new = get_preset("fast")
+    assert new.key() != old.key() and new.num_runs == 5
+    # the new default segments at up to 500 px: a VOC-sized image is segmented at its own size
+    img = scene(120, 160, seed=6)
+    np.testing.assert_array_equal(selective_search(img, get_preset(new, ks=(30.0,)), 0),
+                                  selective_search(img, get_preset(new, ks=(30.0,), max_sides=(0,)), 0))
 
 
 def test_preset_errors_are_one_line_config_errors():

@@ -174,7 +174,7 @@ def test_bench_proposals_json(tmp_path, capsys):
 def test_fast_preset_on_real_voc_images(tmp_path):
     """Real VOC2007 images end to end: boxes valid in each image's pixels, recall near stock OpenCV's.
 
-    Measured (docs/PROPOSALS.md): fast 13/15 = 0.867 at IoU 0.5, OpenCV stock fast 14/15.
+    Measured (docs/PROPOSALS.md): fast 14/15 = 0.933 at IoU 0.5 (fast-300 13/15), OpenCV stock fast 14/15.
     """
     from conftest import shared_dataset
 

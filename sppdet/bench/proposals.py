@@ -44,15 +44,48 @@ def run(args: argparse.Namespace) -> int:
         names.append(label)
     dataset = load_splits(args.data, args.split)
     records = dataset.records[: args.limit] if args.limit and args.limit > 0 else dataset.records
+    if args.shard:
+        from ..proposals.store import parse_shard
+
+        si, sn = parse_shard(args.shard)
+        records = records[si - 1::sn]
     if not records:
         raise SppdetError(f"--data {args.data} --split {args.split}: no images")
     methods = ([] if args.no_stock else [STOCK]) + names
     cv2.setNumThreads(1)
+    import torch  # noqa: F401  (imported by the ranking step on first use: import it outside the timing)
+    import torchvision  # noqa: F401
+
     wall = {m: [] for m in methods}
     cpu = {m: [] for m in methods}
     boxes: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     load0 = os.getloadavg()
+    cache = None
+    if args.run_cache:
+        from ..proposals.store import image_key
+        from ..proposals.tuning import STOCK_FAST_RUN, RunCache, selective_search_cached
+
+        cache = RunCache(args.run_cache)
     for i, rec in enumerate(progress(records, desc="bench proposals", unit="img")):
+        if cache is not None:
+            decoded: list[np.ndarray] = []
+
+            def image() -> np.ndarray:
+                if not decoded:
+                    decoded.append(load_image(rec.path))
+                return decoded[0]
+
+            key = image_key(rec)
+            for m in methods:
+                if m == STOCK:
+                    b, sec = cache.get(key, image, STOCK_FAST_RUN)
+                else:
+                    b, sec = selective_search_cached(cache, key, image, rec.width, rec.height, presets[m],
+                                                     args.max_boxes)
+                wall[m].append(float("nan"))
+                cpu[m].append(sec)
+                boxes[m][rec.image_id] = b
+            continue
         image = load_image(rec.path)
         for j in range(len(methods)):
             m = methods[(i + j) % len(methods)]
@@ -91,13 +124,19 @@ def run(args: argparse.Namespace) -> int:
     info = {"dataset": f"{dataset.name}/{dataset.split}", "images": len(records),
             "objects": results[methods[0]].num_gt, "max_boxes": args.max_boxes,
             "opencv": cv2.__version__, "cpu_count": os.cpu_count(),
-            "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in load1]}
+            "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in load1],
+            "timing": "estimated from cached runs" if cache is not None else "measured, interleaved"}
+    if cache is not None:
+        info["run_cache"] = {"dir": str(args.run_cache), "computed": cache.computed, "reused": cache.reused}
     if args.json:
         print(json.dumps({"benchmark": "proposals", **info, "results": rows, "plots": plots}))
         return 0
     print(f"# {info['dataset']}: {info['images']} images, {info['objects']} objects (difficult excluded), "
           f"max_boxes {args.max_boxes}, OpenCV {info['opencv']}, one thread, presets interleaved")
     print(f"# load average before {load0[0]:.2f}, after {load1[0]:.2f} ({os.cpu_count()} cores)")
+    if cache is not None:
+        print(f"# TIMES ESTIMATED from the run cache {args.run_cache} ({cache.computed} runs computed, "
+              f"{cache.reused} reused): CPU s = sum of each preset's runs; no wall time")
     head = (f"| preset | runs | s/img/core (wall) | s/img/core (CPU) | CPU vs {ref} | boxes/img | "
             f"recall@0.5 | recall@0.7 | AR | recall@0.5 first 500 | AR first 100 |")
     print(head)

@@ -41,6 +41,13 @@ def _register_proposals(sub) -> None:
     p.add_argument("--no-stock", action="store_true", help=f"leave out {STOCK}")
     p.add_argument("--max-boxes", type=int, default=2000, metavar="N", help="cap per image (default 2000)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only images at positions I-1, I-1+N, ... (after --limit), e.g. to fill a "
+                        "--run-cache from two processes")
+    p.add_argument("--run-cache", default=None, metavar="DIR",
+                   help="tuning mode: compute every distinct run (and the stock mode) once per image, "
+                        "cache it in DIR and combine the presets from it (boxes identical); times are "
+                        "then ESTIMATES (sum of the runs' CPU seconds, no wall time)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plots", default=None, metavar="DIR", help="recall plots of all presets to DIR")
     p.set_defaults(func=lambda args: _run("proposals", args))

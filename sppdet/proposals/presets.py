@@ -9,6 +9,8 @@ Presets (see ``docs/PROPOSALS.md`` for how they were tuned and measured):
 
 * ``fast`` -- the default for training and testing, as in the paper (which used
   selective search "fast").
+* ``fast-300`` -- the previous default (every run at 300 px): cheaper on large photos,
+  lower recall of small objects.
 * ``quality`` -- more colour spaces, thresholds and strategies: higher recall and
   better localisation (AR) for more time and boxes.
 * ``opencv-fast`` / ``opencv-quality`` -- OpenCV's stock
@@ -18,7 +20,11 @@ Presets (see ``docs/PROPOSALS.md`` for how they were tuned and measured):
 
 A strategy is a string of letters, each a similarity measure of Uijlings et al.
 combined with equal weights: ``c`` colour, ``t`` texture, ``s`` size, ``f`` fill;
-e.g. ``"cfst"`` is OpenCV's (and the paper's) C+T+S+F.
+e.g. ``"cfst"`` is OpenCV's (and the paper's) C+T+S+F.  Several strategies joined
+by ``+`` (``"fst+f+s+t"``) are one run: one graph segmentation grouped by each of
+them (as OpenCV's own modes do), the union of their boxes with one vote.  The
+segmentation is most of a run's time, so the extra groupings are cheap (see
+``docs/PROPOSALS.md``).
 """
 
 from __future__ import annotations
@@ -125,9 +131,10 @@ class Preset:
         if not self.strategies:
             raise ConfigError(f"{where}: strategies is empty")
         for s in self.strategies:
-            if not s or any(ch not in STRATEGY_LETTERS for ch in s) or len(set(s)) != len(s):
+            if not strategy_ok(s):
                 raise ConfigError(f"{where}: strategy {s!r} must be distinct letters from "
-                                  f"'{STRATEGY_LETTERS}' (c colour, f fill, s size, t texture)")
+                                  f"'{STRATEGY_LETTERS}' (c colour, f fill, s size, t texture), several "
+                                  f"joined by '+' sharing one segmentation (e.g. fst+f+s)")
         if not self.max_sides or any(m < 0 or 0 < m < 16 for m in self.max_sides):
             raise ConfigError(f"{where}: max_sides must be 0 (original size) or >= 16, got {list(self.max_sides)}")
         for spec in self.extra_runs:
@@ -185,15 +192,42 @@ def parse_run(spec: str) -> tuple[int, str, float, str]:
         raise ValueError(f"unknown colour space {space!r} (known: {', '.join(COLOUR_SPACES)})")
     if k <= 0:
         raise ValueError("K must be positive")
-    if not strategy or any(ch not in STRATEGY_LETTERS for ch in strategy) or len(set(strategy)) != len(strategy):
-        raise ValueError(f"strategy {strategy!r} must be distinct letters from '{STRATEGY_LETTERS}'")
+    if not strategy_ok(strategy):
+        raise ValueError(f"strategy {strategy!r} must be distinct letters from '{STRATEGY_LETTERS}' "
+                         f"(several joined by '+', e.g. fst+f+s)")
     return max_side, space, k, strategy
 
 
+def strategy_ok(strategy: str) -> bool:
+    """A strategy string: distinct letters of :data:`STRATEGY_LETTERS`, or several distinct ones joined by ``+``."""
+    parts = str(strategy).split("+")
+    return bool(parts) and len(set(parts)) == len(parts) and all(
+        part and all(ch in STRATEGY_LETTERS for ch in part) and len(set(part)) == len(part) for part in parts)
+
+
 _PRESETS: dict[str, Preset] = {
-    # Tuned with `sppdet bench proposals` on voc2012_sample100 (docs/PROPOSALS.md).
+    # Tuned with `sppdet bench proposals --run-cache` on 250 voc2007_sub trainval images only
+    # (docs/PROPOSALS.md, "Tuning protocol"): two full-size segmentations (HSV, Lab) for small
+    # objects, each grouped four ways, plus three cheap 300 px segmentations for the larger ones.
+    # "Full size" is capped at 500 px (VOC's own size: identical there) so that the time per
+    # image stays bounded on large photos.
     "fast": Preset(
         name="fast",
+        colour_spaces=("hsv", "lab"),
+        ks=(150.0,),
+        sigma=0.8,
+        min_segment=100,
+        strategies=("fst+f+s+t",),
+        max_sides=(500,),
+        extra_runs=("300:hsv:100:cfst+fst+f+s", "300:lab:100:cfst+fst+f+s", "300:rgi:100:fst+f+s+t"),
+        min_box_size=16.0,
+        area_exponent=0.5,
+        demote_iou=0.85,
+    ),
+    # The default of the previous round (tuned on all of voc2012_sample100; docs/PROPOSALS.md):
+    # 14 runs, all at 300 px.  Kept so configs that override it keep their boxes and caches.
+    "fast-300": Preset(
+        name="fast-300",
         colour_spaces=("hsv", "lab", "rgi", "h"),
         ks=(50.0, 100.0, 200.0),
         sigma=0.8,

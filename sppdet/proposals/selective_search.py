@@ -9,8 +9,9 @@ adds around it:
   similarity strategies.  Every combination is one *run*: the image is resized
   (INTER_AREA) so its longer side is at most ``max_side``, converted to the
   colour space, over-segmented by Felzenszwalb-Huttenlocher (``k``, ``sigma``,
-  ``min_segment``) and grouped hierarchically with one strategy.  A run gives
-  the set of bounding boxes of all regions of its hierarchy.  ``extra_runs``
+  ``min_segment``) and grouped hierarchically with one strategy (or with each
+  of several joined by ``+``, sharing the segmentation).  A run gives the set
+  of bounding boxes of all regions of its hierarchy (hierarchies).  ``extra_runs``
   add single runs outside that product (e.g. a colour strategy for two colour
   spaces only).
 * **Coordinates.** An OpenCV rect ``(x, y, w, h)`` of the segmentation image
@@ -135,17 +136,20 @@ def grouping_run(image: np.ndarray, k: float, sigma: float, min_segment: int,
         image (ndarray[h, w, C] or ndarray[h, w] uint8): the segmentation image
             (already in its colour space).
         k, sigma, min_segment: Felzenszwalb-Huttenlocher parameters.
-        strategy: letters from ``"cfst"`` (colour, fill, size, texture), equal weights.
+        strategy: letters from ``"cfst"`` (colour, fill, size, texture), equal weights;
+            several such strings joined by ``+`` group the same segmentation once each.
 
     Returns:
         ndarray[N, 4] int32: OpenCV rects ``(x, y, w, h)`` of all regions of the
-        hierarchy, each once, in OpenCV's (pseudo-random) order.
+        hierarchy (of all hierarchies, for ``+``), each once, in OpenCV's
+        (pseudo-random) order.
     """
     ss = _SEG.createSelectiveSearchSegmentation()
     ss.addImage(image)
     ss.addGraphSegmentation(_SEG.createGraphSegmentation(float(sigma), float(k), int(min_segment)))
-    ss.addStrategy(_SEG.createSelectiveSearchSegmentationStrategyMultiple(
-        *[_STRATEGY_FACTORIES[ch]() for ch in strategy]))
+    for part in strategy.split("+"):
+        ss.addStrategy(_SEG.createSelectiveSearchSegmentationStrategyMultiple(
+            *[_STRATEGY_FACTORIES[ch]() for ch in part]))
     rects = ss.process()
     return np.asarray(rects, dtype=np.int32).reshape(-1, 4)
 
@@ -280,7 +284,24 @@ def selective_search(image: np.ndarray, preset: str | Preset = "fast", max_boxes
     image = _check_image(image)
     p = get_preset(preset)
     height, width = image.shape[:2]
-    runs = list(raw_runs(image, p))
+    return combine_runs(list(raw_runs(image, p)), p, width, height, max_boxes)
+
+
+def combine_runs(runs: list[np.ndarray], preset: str | Preset, width: int, height: int,
+                 max_boxes: int = 2000) -> np.ndarray:
+    """Filter, merge and rank the boxes of a preset's runs (the second half of :func:`selective_search`).
+
+    Args:
+        runs: one ndarray[N_r, 4] float32 per run of ``preset`` (original pixels,
+            as :func:`raw_runs` yields them, each box at most once per run).
+        preset: the preset (its filters and order settings are used).
+        width, height: the original image size.
+        max_boxes: cap (``<= 0``: none).
+
+    Returns:
+        ndarray[N, 4] float32, as :func:`selective_search`.
+    """
+    p = get_preset(preset)
     boxes = np.concatenate(runs) if runs else np.zeros((0, 4), np.float32)
     wh = boxes[:, 2:] - boxes[:, :2]
     ok = (wh[:, 0] > 0) & (wh[:, 1] > 0) & (wh[:, 0] >= p.min_box_size) & (wh[:, 1] >= p.min_box_size)
