@@ -337,6 +337,18 @@ class Detector:
                                   workers=self.workers if workers is None else workers,
                                   cache_dir=self.cache_dir, skip_bad_images=skip, progress=show_progress)
         self.timer.add("proposals", time.perf_counter() - t)
+        # conv5 maps of the whole split first: on the CPU several images at a time
+        # (FeatureExtractor.precompute); the loop below then reads them from the cache
+        t = time.perf_counter()
+        todo = [r for r in dataset.records if r.image_id in store]
+        try:
+            for flip in ((False, True) if self.model.test.flip else (False,)):
+                self.extractor.precompute(todo, flip=flip, progress=show_progress)
+        except ImageDecodeError as e:
+            if not skip:
+                raise
+            log.debug("conv5 precompute stopped at %s; the rest is computed image by image", e)
+        self.timer.add("features", time.perf_counter() - t)
         out: dict[str, Detections] = {}
         for rec in progress(dataset.records, desc="detect", unit="img", disable=None if show_progress else True):
             if rec.image_id not in store:

@@ -26,7 +26,9 @@ from ..utils.io import atomic_path, file_sha1, stable_hash
 log = logging.getLogger(__name__)
 
 #: Bump when the content of a cache file would change for the same key.
-CACHE_FORMAT = "sppdet-conv5-v1"
+# v2: Lite0's 1x1 convolutions became one matrix product (same bits for any thread count;
+# the last bits differ from v1's oneDNN maps, which must not be mixed with new ones)
+CACHE_FORMAT = "sppdet-conv5-v2"
 
 #: One cached map: (resize factor, Tensor[C, h, w] in the cache dtype, original (H, W)).
 Entry = tuple[float, torch.Tensor, tuple[int, int]]

@@ -137,7 +137,30 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stride: int = 
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     w = conv.weight * scale.reshape(-1, 1, 1, 1)
     b = bn.bias - bn.running_mean * scale
+    if k == 1 and conv.groups == 1 and stride == 1 and x.device.type == "cpu":
+        return pointwise_conv(x, w, b)
     return F.conv2d(x, w, b, stride, pad, dilation, conv.groups)
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution as one matrix product over the pixels, on the CPU.
+
+    Args:
+        x (Tensor[B, C, H, W]): input, any memory format (NHWC is read without a copy).
+        weight (Tensor[O, C, 1, 1]), bias (Tensor[O] or None).
+
+    Returns Tensor[B, O, H, W] in NHWC memory format.  oneDNN's own 1x1 convolution
+    splits its reduction differently for different numbers of threads, so the same
+    image gave conv5 maps that differed in the last bits with 1 and with 2 threads;
+    this product gives the same bits for any number of threads (and costs the same
+    CPU time; measured on Lite0 at 480x640).  The k x k convolutions do not have
+    that problem and stay with oneDNN.
+    """
+    n, c, h, w_ = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w_, c)
+    wt = weight.reshape(weight.shape[0], c).t()
+    y = torch.addmm(bias, rows, wt) if bias is not None else rows @ wt
+    return y.reshape(n, h, w_, -1).permute(0, 3, 1, 2)
 
 
 class MBConv(nn.Module):
