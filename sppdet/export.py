@@ -303,8 +303,16 @@ class _ConvBN(nn.Module):
         self.asym = p[0] != p[1]
         self.fpad: List[int] = [p[0], p[1], p[0], p[1]]
         self.cpad: List[int] = [0, 0] if self.asym else [p[0], p[0]]
+        # a 1x1 convolution on the CPU is one matrix product, as in efficientnet_lite.conv_bn
+        # (pointwise_conv: the same bits for any number of threads)
+        self.pointwise = k == 1 and self.groups == 1 and self.stride == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise and not x.is_cuda:
+            n, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+            y = torch.addmm(self.bias, rows, self.weight.reshape(self.weight.shape[0], c).t())
+            return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
         if self.asym:
             x = torch.nn.functional.pad(x, self.fpad)
         return torch.nn.functional.conv2d(x, self.weight, self.bias, [self.stride, self.stride], self.cpad,
