@@ -268,8 +268,10 @@ def test_torchrun_error_on_one_rank_stops_both_without_losing_work(tmp_path):
     res = torchrun("proposals", "--data", str(voc), "--split", "train", "--out", str(out), *PRESET_ARGS)
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.startswith("sppdet: error:")]
-    assert len(errors) == 2 and all("img001.jpg" in line for line in errors)
-    assert any("rank 1 of 2 failed" in line for line in errors)  # rank 0 names the rank that failed
+    # both ranks report (rank 0 naming the rank that failed), unless torchrun stopped one of them
+    # first: its agent terminates the other workers as soon as one exits with an error
+    assert 1 <= len(errors) <= 2 and all("img001.jpg" in line for line in errors)
+    assert len(errors) == 1 or any("rank 1 of 2 failed" in line for line in errors)
     assert "/sppdet/" not in res.stderr  # no traceback through sppdet (torchrun adds its own summary)
     assert not out.exists()
     # rank 0's shard (positions 0, 2, 4) is saved: shard file written before the error check
