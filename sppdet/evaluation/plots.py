@@ -103,6 +103,15 @@ def plot_pr_curves(result: EvalResult, out_dir: str | Path, *, prefix: str = "pr
     return files
 
 
+def _finish(fig, out_file: str | Path) -> Path:
+    """Lay out ``fig`` and write it to ``out_file`` (its folder made); returns the path."""
+    fig.tight_layout()
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, out)
+    return out
+
+
 def _save(fig, path: Path) -> None:
     """``fig.savefig`` into memory, then an atomic write (a full disk is a one-line error naming ``path``)."""
     import io
@@ -135,11 +144,7 @@ def plot_ap_bars(ap: dict[str, float], out_file: str | Path, *, npos: dict[str, 
     ax.set(xlim=(0, 1.12), xlabel=f"AP{f' ({metric})' if metric else ''}",
            title="AP per class" + (" (objects)" if npos else ""))
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, out)
-    return out
+    return _finish(fig, out_file)
 
 
 def plot_finetune_curve(curve: dict, out_file: str | Path) -> Path:
@@ -171,11 +176,7 @@ def plot_finetune_curve(curve: dict, out_file: str | Path) -> Path:
     for a, colour in ((ax, "#4c78a8"), (ax2, "#f58518")):
         a.yaxis.label.set_color(colour)
         a.tick_params(axis="y", colors=colour)
-    fig.tight_layout()
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, out)
-    return out
+    return _finish(fig, out_file)
 
 
 def plot_recall_vs_iou(best_iou: np.ndarray, out_file: str | Path, *, label: str = "proposals",
@@ -202,11 +203,7 @@ def plot_recall_vs_iou(best_iou: np.ndarray, out_file: str | Path, *, label: str
     ax.set(xlabel="IoU threshold", ylabel="recall", xlim=(0, 1), ylim=(0, 1.02),
            title=f"Proposal recall ({len(best)} objects)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, out)
-    return out
+    return _finish(fig, out_file)
 
 
 def plot_stage_seconds(panels: dict[str, dict[str, float]], out_file: str | Path) -> Path:
@@ -232,8 +229,4 @@ def plot_stage_seconds(panels: dict[str, dict[str, float]], out_file: str | Path
         ax.set_yticks(range(len(items)), [k for k, _ in items], fontsize=8)
         ax.set(xlim=(0, top * 1.22 if top > 0 else 1.0), title=title, xlabel="seconds")
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, out)
-    return out
+    return _finish(fig, out_file)
