@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -195,7 +195,12 @@ def detector_setup(checkpoint: str | Path, *, device: str = "auto", cache: str |
     dev = resolve_device(device if device != "auto" else cfg.device)
     model.to(dev)
     folder = cache_dir(cache)
-    ex = extractor(model.features, model.backbone, dev, folder)
+    features = model.features
+    if cfg.test.scales:
+        # multi-scale (or single-scale) testing of a model trained at other scales: the fc layers,
+        # SVMs and regressors see the same pooled feature; only the maps' sizes change
+        features = replace(features, scales=list(cfg.test.scales))
+    ex = extractor(features, model.backbone, dev, folder)
     return DetectorSetup(model=model, config=cfg, extractor=ex, preset=preset(cfg), max_boxes=cfg.proposals.max_boxes,
                      workers=cfg.proposals.workers, skip_bad_images=cfg.data.skip_bad_images, cache_dir=folder,
                      device=dev)

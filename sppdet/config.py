@@ -141,6 +141,7 @@ class TestConfig:
     box_voting: float | None = None   # IoU: kept boxes become the score-weighted mean of their neighbours
     flip: bool = False                # also score the mirrored image; average scores and boxes
     batch_images: int = 1
+    scales: list[int] | None = None   # test-time scales (None: the training features.scales)
 
 
 @dataclass
@@ -506,6 +507,9 @@ def validate(cfg: Config) -> None:
     if t.box_voting is not None:
         num("test.box_voting", t.box_voting, lo=0, hi=1, lo_open=True, what=" or null")
     num("test.batch_images", t.batch_images, lo=1)
+    if t.scales is not None and (not t.scales or any(not isinstance(x, int) or isinstance(x, bool) or x <= 0
+                                                      for x in t.scales)):
+        bad("test.scales", f"must be null or a non-empty list of positive sizes, got {t.scales}")
 
 
 def _plain_name_reason(name: str) -> str | None:

@@ -640,7 +640,7 @@ BAD_SETTINGS = {
     "svm.tol": 0.0, "svm.max_iter": 0,
     "bbox_reg.min_iou": 0.0, "bbox_reg.lam": -1.0,
     "test.nms": 0.0, "test.max_per_image": 0, "test.score_threshold": math.inf, "test.box_voting": 1.5,
-    "test.batch_images": 0,
+    "test.batch_images": 0, "test.scales": [0],
 }
 
 
@@ -650,8 +650,11 @@ def _numeric_fields(cls, prefix=""):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _numeric_fields(tp, f"{prefix}{f.name}.")
-        elif {int, float} & ({tp} | set(typing.get_args(tp))):      # numbers, optional numbers, lists of them
-            yield prefix + f.name
+        else:
+            args = set(typing.get_args(tp))
+            inner = {a2 for a in args for a2 in typing.get_args(a)}     # optional lists of numbers
+            if {int, float} & ({tp} | args | inner):     # numbers, optional numbers, lists of them
+                yield prefix + f.name
 
 
 def test_every_numeric_setting_has_a_refused_value():

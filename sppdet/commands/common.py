@@ -48,7 +48,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def add_test_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="test.KEY=VALUE",
                    help="change a test-time setting of the checkpoint, e.g. --set test.nms=0.2, "
-                        "--set test.box_voting=0.5, --set test.flip=true (repeatable; only test.*)")
+                        "--set test.box_voting=0.5, --set test.flip=true, --set \"test.scales=[480,688,1200]\" "
+                        "(test at other scales than the training ones; repeatable; only test.*)")
 
 
 def test_overrides_from_args(args: argparse.Namespace) -> dict | None:
