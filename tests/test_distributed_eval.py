@@ -45,6 +45,19 @@ def trained(tmp_path_factory):
     return {"data": data, "ckpt": run / "model.pt", "root": root}
 
 
+@pytest.fixture(scope="module")
+def one_process(trained):
+    """`sppdet eval --json` in this process (torch's default threads): cache, results files, output."""
+    import contextlib
+    import io
+
+    cache, results = trained["root"] / "one-cache", trained["root"] / "one-results"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["-q", *eval_args(trained, cache, results)]) == 0
+    return {"cache": cache, "results": results, "json": json.loads(buf.getvalue())}
+
+
 def files_of(folder: Path) -> dict[str, Path]:
     return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -84,12 +97,9 @@ def eval_args(trained, cache: Path, results: Path) -> list[str]:
 # torchrun -m sppdet eval
 
 
-def test_torchrun_eval_equals_one_process(trained, tmp_path, capsys):
+def test_torchrun_eval_equals_one_process(trained, one_process, tmp_path):
     """Same checkpoint in: the same conv5 cache, proposal store, results files and mAP out."""
-    one_cache, one_res = tmp_path / "c1", tmp_path / "r1"
-    capsys.readouterr()
-    assert main(["-q", *eval_args(trained, one_cache, one_res)]) == 0
-    one = json.loads(capsys.readouterr().out)
+    one_cache, one_res, one = one_process["cache"], one_process["results"], one_process["json"]
     assert one["images"] == 5 and one["mAP"] > 0
 
     two_cache, two_res, report = tmp_path / "c2", tmp_path / "r2", tmp_path / "report"
@@ -119,6 +129,16 @@ def test_torchrun_eval_equals_one_process(trained, tmp_path, capsys):
     assert_same_store(ProposalStore.load(s1), ProposalStore.load(s2))
 
 
+def test_torchrun_train_writes_the_one_process_conv5_cache(trained, tmp_path):
+    """The features stage of `train` (plain and mirrored training maps) under 2 ranks."""
+    cache = tmp_path / "cache"
+    res = torchrun("-q", "train", "--config", "demo_lite0", "--data", str(trained["data"]), "--out",
+                   str(tmp_path / "run"), "--cache", str(cache), "--device", "cpu", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert assert_same_conv5_cache(conv5_dir(trained["root"] / "train-cache"), conv5_dir(cache)) == 2 * 5
+
+
 # ---------------------------------------------------------------------------
 # The library calls under a 2-process group (what `train` and `eval` call)
 
@@ -143,38 +163,33 @@ def _features_and_eval_on_rank(rank: int, out_dir: Path, ckpt: str, data: str, c
             "npos": ev.result.npos, "images": ev.timings["images"], "own": sorted(ev.detections)}
 
 
-def test_precompute_and_evaluate_checkpoint_in_a_process_group(trained, tmp_path):
+def test_precompute_and_evaluate_checkpoint_in_a_process_group(trained, one_process, tmp_path):
     """Each rank computes its positions (r, r+2, ...) of the maps not cached yet, with its share of
     the cores; every rank returns the summed counts and the same scores; the cache and the results
     files equal one process's."""
     from sppdet.data import load_dataset
     from sppdet.detect import Detector
-    from sppdet.eval_checkpoint import evaluate_checkpoint
 
-    one_cache, two_cache = tmp_path / "c1", tmp_path / "c2"
-    det = Detector.from_checkpoint(trained["ckpt"], device="cpu", cache_dir=one_cache)
+    ref = one_process["json"]
+    two_cache = tmp_path / "c2"
+    det = Detector.from_checkpoint(trained["ckpt"], device="cpu", cache_dir=two_cache)
     ds = load_dataset(trained["data"], "test", classes=det.classes)
-    assert det.extractor.precompute(ds.records, progress=False) == {"images": 5, "computed": 5, "cached": 0,
-                                                                    "failed": 0}
-    ref = evaluate_checkpoint(trained["ckpt"], trained["data"], "test", results_dir=tmp_path / "r1", device="cpu",
-                              cache_dir=one_cache, show_progress=False)
     # an interrupted earlier run left the map of position 3 (rank 1's): it is reused, not redone
-    part = Detector.from_checkpoint(trained["ckpt"], device="cpu", cache_dir=two_cache).extractor
-    part.precompute([ds.records[3]], progress=False)
+    det.extractor.precompute([ds.records[3]], progress=False)
 
     r0, r1 = _run_two(_features_and_eval_on_rank, tmp_path, str(trained["ckpt"]), str(trained["data"]),
                       str(two_cache))
     share = max(1, (os.cpu_count() or 1) // 2)
     for r in (r0, r1):
         assert r["share"] == r["inside"] == min(r["threads"], share) and r["after"] == r["threads"]
-        assert r["stats"] == {"images": 5, "computed": 4, "cached": 1, "failed": 0}
-        assert r["mAP"] == ref.result.mAP and r["ap"] == ref.result.ap and r["npos"] == ref.result.npos
+        assert r["stats"] == {"images": 5, "computed": 4, "cached": 1}
+        assert r["mAP"] == ref["mAP"] and r["ap"] == ref["ap"] and r["npos"] == ref["npos"]
         assert r["images"] == 5
     assert r0["computed_here"] == 3 and r1["computed_here"] == 1     # positions 0, 2, 4 | 1 (3 was cached)
     ids = [rec.image_id for rec in ds.records]
     assert r0["own"] == sorted(ids) and r1["own"] == sorted(ids[1::2])  # rank 0 holds all detections
-    assert_same_conv5_cache(conv5_dir(one_cache), conv5_dir(two_cache))
-    f1, f2 = files_of(tmp_path / "r1"), files_of(tmp_path / "lib-results")
+    assert_same_conv5_cache(conv5_dir(one_process["cache"]), conv5_dir(two_cache))
+    f1, f2 = files_of(one_process["results"]), files_of(tmp_path / "lib-results")
     assert f1.keys() == f2.keys()
     for name in f1:
         assert f1[name].read_bytes() == f2[name].read_bytes(), name

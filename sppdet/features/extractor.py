@@ -443,7 +443,7 @@ class FeatureExtractor:
                 ``"failed"``) instead of raising :class:`~sppdet.errors.ImageDecodeError`.
 
         Returns:
-            ``{"images", "computed", "cached", "failed"}`` counts.
+            ``{"images", "computed", "cached"}`` counts, and ``"failed"`` with ``skip_bad_images``.
         """
         from ..utils import dist
 
@@ -460,7 +460,8 @@ class FeatureExtractor:
 
         mine = dist.shard(records)
         err: BaseException | None = None
-        stats = {"images": len(mine), "computed": 0, "cached": 0, "failed": 0}
+        stats: dict[str, int] = {}
+        counts = ("computed", "cached", "failed") if skip_bad_images else ("computed", "cached")
         try:
             with rank_thread_share():
                 stats = self._precompute_here(mine, flip, progress, workers, skip_bad_images)
@@ -478,7 +479,7 @@ class FeatureExtractor:
             log.warning("conv5 cache %s: the maps rank(s) %s wrote are not visible here; put the cache (--cache / "
                         "$SPPDET_CACHE) on a filesystem every node sees, or they are computed again where needed",
                         self.cache_dir, ", ".join(map(str, unseen)))
-        total = {k: sum(int(s[k]) for s, _ in every) for k in ("computed", "cached", "failed")}
+        total = {k: sum(int(s[k]) for s, _ in every) for k in counts}
         return {"images": len(records), **total}
 
     def _precompute_here(self, records: list[Any], flip: bool, progress: bool, workers: int | None,
@@ -486,7 +487,9 @@ class FeatureExtractor:
         """:meth:`precompute` in this process only."""
         from ..utils.progress import progress as bar
 
-        stats = {"images": len(records), "computed": 0, "cached": 0, "failed": 0}
+        stats = {"images": len(records), "computed": 0, "cached": 0}
+        if skip_bad_images:
+            stats["failed"] = 0
         if self.mode != "spp":
             return stats
         todo = [r for r in records if not self.is_cached(r.image_id, r.path, flip)]
@@ -509,7 +512,9 @@ class FeatureExtractor:
                     pbar.update(1)
             else:
                 done, failed = self._precompute_threads(todo, flip, workers, pbar, skip_bad_images)
-                stats["computed"], stats["failed"] = done, failed
+                stats["computed"] = done
+                if skip_bad_images:
+                    stats["failed"] = failed
         finally:
             pbar.close()
         return stats
