@@ -34,7 +34,7 @@ COMMANDS = (
 
 #: Commands that use several processes under torchrun (see docs/DISTRIBUTED.md); any other
 #: command launched by torchrun runs on rank 0 alone while the other ranks return at once.
-DISTRIBUTED = frozenset({"proposals", "train"})
+DISTRIBUTED = frozenset({"proposals", "train", "eval"})
 
 
 def build_parser() -> argparse.ArgumentParser:

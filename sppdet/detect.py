@@ -326,9 +326,12 @@ class Detector:
             finally:
                 stream.close()      # the images prefetched but not asked for are dropped
 
-    def detect_dataset(self, dataset: Dataset, *, workers: int | None = None,
-                       skip_bad_images: bool | None = None, show_progress: bool = True) -> dict[str, Detections]:
-        """Detections for every image of a split (proposals via the proposal store, conv maps cached)."""
+    def dataset_proposals(self, dataset: Dataset, *, workers: int | None = None,
+                          skip_bad_images: bool | None = None, show_progress: bool = True):
+        """The proposal store of a split (computed once, cached under ``cache_dir``; timed as ``proposals``).
+
+        Collective under a process group (:func:`sppdet.proposals.compute_proposals` shards it).
+        """
         from .proposals import compute_proposals
 
         skip = self.skip_bad_images if skip_bad_images is None else skip_bad_images
@@ -337,27 +340,69 @@ class Detector:
                                   workers=self.workers if workers is None else workers,
                                   cache_dir=self.cache_dir, skip_bad_images=skip, progress=show_progress)
         self.timer.add("proposals", time.perf_counter() - t)
-        # conv5 maps of the whole split first: on the CPU several images at a time
-        # (FeatureExtractor.precompute); the loop below then reads them from the cache
-        t = time.perf_counter()
-        todo = [r for r in dataset.records if r.image_id in store]
-        try:
-            for flip in ((False, True) if self.model.test.flip else (False,)):
-                self.extractor.precompute(todo, flip=flip, progress=show_progress)
-        except ImageDecodeError as e:
-            if not skip:
-                raise
-            log.debug("conv5 precompute stopped at %s; the rest is computed image by image", e)
-        self.timer.add("features", time.perf_counter() - t)
-        out: dict[str, Detections] = {}
-        for rec in progress(dataset.records, desc="detect", unit="img", disable=None if show_progress else True):
+        return store
+
+    def detect_dataset(self, dataset: Dataset, *, workers: int | None = None,
+                       skip_bad_images: bool | None = None, show_progress: bool = True,
+                       proposals: Any = None) -> dict[str, Detections]:
+        """Detections for every image of a split (proposals via the proposal store, conv maps cached).
+
+        Args:
+            proposals: the split's :class:`~sppdet.proposals.ProposalStore` (default:
+                :meth:`dataset_proposals`).
+
+        Returns:
+            image id -> detections, in dataset order (images without proposals or that cannot
+            be decoded, with ``skip_bad_images``, are left out).
+
+        Under a process group (torchrun) this is collective: every rank calls it with the
+        same split.  The proposals and the conv5 maps are computed sharded over the ranks
+        (:func:`~sppdet.proposals.compute_proposals`, :meth:`FeatureExtractor.precompute`);
+        rank ``r`` of ``W`` then detects on the images at positions ``r, r + W, ...`` of
+        the split's images with proposals -- the ones whose maps it computed -- and the
+        detections (at most ``test.max_per_image`` per image) are gathered on rank 0, which
+        returns all of them, in dataset order, the same as one process returns; the other
+        ranks return their own images' detections.  ``self.timer`` on rank 0 then holds
+        the seconds and images of every rank.  An error on one rank is raised on all
+        (:func:`~sppdet.utils.dist.raise_if_any`).
+        """
+        from .errors import SppdetError
+        from .features.extractor import rank_thread_share
+        from .utils import dist
+
+        skip = self.skip_bad_images if skip_bad_images is None else skip_bad_images
+        store = proposals if proposals is not None else self.dataset_proposals(
+            dataset, workers=workers, skip_bad_images=skip, show_progress=show_progress)
+        for rec in dataset.records:
             if rec.image_id not in store:
                 # already reported once, as the proposal stage skipped it
                 log.debug("%s: skipped (no proposals: the image could not be decoded)", rec.path)
-                continue
-            boxes = store[rec.image_id]
+        todo = [r for r in dataset.records if r.image_id in store]
+        with rank_thread_share():   # this rank's share of the cores (no-op for one process)
+            # conv5 maps of the whole split first: on the CPU several images at a time
+            # (FeatureExtractor.precompute); the loop below then reads them from the cache
+            t = time.perf_counter()
+            for flip in ((False, True) if self.model.test.flip else (False,)):
+                self.extractor.precompute(todo, flip=flip, progress=show_progress, skip_bad_images=skip)
+            self.timer.add("features", time.perf_counter() - t)
+            if dist.get_world_size() <= 1:
+                return self._detect_records(todo, store, skip, show_progress)
+            mine: dict[str, Detections] = {}
+            err: BaseException | None = None
+            try:   # the same positions precompute gave this rank: its maps are on its disk
+                mine = self._detect_records(dist.shard(todo), store, skip, show_progress)
+            except SppdetError as e:
+                err = e
+            dist.raise_if_any(err)
+        return self._gather_detections(todo, mine)
+
+    def _detect_records(self, records: list[ImageRecord], store: Any, skip: bool,
+                        show_progress: bool) -> dict[str, Detections]:
+        """Detections of ``records`` (all in ``store``), in their order, in this process."""
+        out: dict[str, Detections] = {}
+        for rec in progress(records, desc="detect", unit="img", disable=None if show_progress else True):
             try:
-                out[rec.image_id] = self.detect_item(rec, boxes, rec.width, rec.height)
+                out[rec.image_id] = self.detect_item(rec, store[rec.image_id], rec.width, rec.height)
             except ImageDecodeError as e:
                 if not skip:
                     raise
@@ -365,6 +410,30 @@ class Detector:
                 continue
             self.timer.images += 1
         return out
+
+    def _gather_detections(self, records: list[ImageRecord], mine: dict[str, Detections]) -> dict[str, Detections]:
+        """Every rank's detections on rank 0, in the order of ``records``; this rank's own elsewhere.
+
+        One ``gather_object`` of plain arrays (the detections themselves, at most
+        ``test.max_per_image`` per image, and the ranks' timers); nothing else is kept.
+        """
+        from .utils import dist
+
+        payload = ([(i, d.boxes, d.scores, d.labels) for i, d in mine.items()],
+                   dict(self.timer.seconds), self.timer.images)
+        parts = dist.gather_object(payload)
+        if parts is None:
+            return mine
+        found: dict[str, Detections] = {}
+        seconds: dict[str, float] = defaultdict(float)
+        images = 0
+        for items, secs, n in parts:
+            found.update((i, Detections(b, s, lab)) for i, b, s, lab in items)
+            for k, v in secs.items():
+                seconds[k] += v
+            images += n
+        self.timer = Timer(seconds, images)
+        return {r.image_id: found[r.image_id] for r in records if r.image_id in found}
 
 
 def detections_to_json(det: Detections | dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:

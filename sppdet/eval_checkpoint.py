@@ -52,28 +52,75 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
             never the cache folder the checkpoint records).
         use_bbox_reg: apply the box regressors (False: score the raw proposals).
         test_overrides: changes to the checkpoint's ``test`` settings (``{"nms": 0.2}``).
+
+    Under a process group (torchrun) this is collective: every rank calls it with the same
+    arguments.  Proposals, conv5 maps and detection are sharded over the ranks
+    (:meth:`Detector.detect_dataset`) and the detections gathered on rank 0, which alone
+    writes the results files and the report and scores them -- the same files and scores
+    as one process.  Every rank returns the scores (the other ranks without the PR
+    curves, and with only their own images' detections); an error on any rank is raised
+    on all of them.
     """
+    from .errors import SppdetError
+    from .utils import dist
+
     det = Detector.from_checkpoint(checkpoint, device=device, cache_dir=cache_dir, test_overrides=test_overrides)
     det.use_bbox_reg = use_bbox_reg and det.model.bbox_reg is not None
     ds = eval_dataset(det.config, data_root, split, det.classes, data_format=data_format, annotations=annotations)
     t = time.perf_counter()
-    dets = det.detect_dataset(ds, workers=workers, show_progress=show_progress)
+    store = det.dataset_proposals(ds, workers=workers, show_progress=show_progress)
+    dets = det.detect_dataset(ds, workers=workers, show_progress=show_progress, proposals=store)
     t_detect = time.perf_counter() - t
-    if results_dir is None and report_dir is None:
-        with tempfile.TemporaryDirectory(prefix="sppdet-results-") as tmp:
-            result = _score(det, ds, dets, Path(tmp), split, metric)
-        out = None
-    else:
+    out = None
+    if results_dir is not None or report_dir is not None:
         out = Path(results_dir).expanduser() if results_dir is not None else Path(report_dir).expanduser() / "results"
-        result = _score(det, ds, dets, out, split, metric)
-    timings = {"detect_seconds": round(t_detect, 3), "images": len(dets),
-               "per_image": {k: round(v, 4) for k, v in det.timer.per_image().items()}}
-    log.info("%s/%s: mAP %.4f (%s) over %d images, %.2f s per image", ds.root, split, result.mAP, metric,
-             len(dets), t_detect / max(len(dets), 1))
-    ev = CheckpointEvaluation(result, ds, dets, out, None, timings)
-    if report_dir:
-        ev.report = write_eval_report(ev, det, Path(report_dir).expanduser(), checkpoint, report_examples)
-    return ev
+
+    def score_and_report() -> CheckpointEvaluation:
+        if out is None:
+            with tempfile.TemporaryDirectory(prefix="sppdet-results-") as tmp:
+                result = _score(det, ds, dets, Path(tmp), split, metric)
+        else:
+            result = _score(det, ds, dets, out, split, metric)
+        timings = {"detect_seconds": round(t_detect, 3), "images": len(dets),
+                   "per_image": {k: round(v, 4) for k, v in det.timer.per_image().items()}}
+        log.info("%s/%s: mAP %.4f (%s) over %d images, %.2f s per image", ds.root, split, result.mAP, metric,
+                 len(dets), t_detect / max(len(dets), 1))
+        ev = CheckpointEvaluation(result, ds, dets, out, None, timings)
+        if report_dir:
+            ev.report = write_eval_report(ev, det, Path(report_dir).expanduser(), checkpoint, report_examples,
+                                          proposals=store)
+        return ev
+
+    if dist.get_world_size() <= 1:
+        return score_and_report()
+    # torchrun: every rank detected its share and rank 0 holds all the detections now; rank 0
+    # alone writes the results files, scores them and writes the report, the others wait
+    ev: CheckpointEvaluation | None = None
+    err: BaseException | None = None
+    if dist.is_main():
+        try:
+            ev = score_and_report()
+        except SppdetError as e:
+            err = e
+    dist.raise_if_any(err)
+    # the scores (without the PR curves), the timings and the report's path on every rank
+    shared = dist.broadcast_object((_without_curves(ev.result), ev.timings, ev.report) if ev is not None else None)
+    if ev is not None:
+        return ev
+    light, timings, report = shared
+    return CheckpointEvaluation(light, ds, dets, out, report, timings)
+
+
+def _without_curves(result: EvalResult) -> EvalResult:
+    """``result`` with its per-class PR curves dropped (AP and object counts kept): small to send."""
+    import numpy as np
+
+    from .evaluation.voc import ClassResult
+
+    empty = np.zeros(0)
+    return EvalResult(result.metric, result.mAP, dict(result.ap),
+                      {c: ClassResult(r.ap, empty, empty, r.npos) for c, r in result.per_class.items()},
+                      dict(result.extra), result.curve)
 
 
 def coco_results_names(split: str) -> tuple[str, str]:
@@ -104,15 +151,22 @@ def _score(det: Detector, ds: Dataset, dets: dict[str, Detections], out: Path, s
     return result
 
 
-def write_eval_report(ev: CheckpointEvaluation, det: Detector, out: Path, checkpoint, n_examples: int) -> Path:
+def write_eval_report(ev: CheckpointEvaluation, det: Detector, out: Path, checkpoint, n_examples: int,
+                      proposals: Any = None) -> Path:
     """HTML report (:func:`sppdet.report.write_eval_report`): figures, AP table, PR curves, drawn
-    detections vs ground truth, proposal recall, timings, config."""
-    from .proposals import compute_proposals
+    detections vs ground truth, proposal recall, timings, config.
+
+    ``proposals``: the store the detector scored (default: read back from the cache, which is
+    collective under a process group -- pass it when only rank 0 writes the report).
+    """
     from .report import write_eval_report as write
 
-    # the proposals the detector scored: the store detect_dataset used, read back from the cache
-    store = compute_proposals(ev.dataset, det.preset, det.max_boxes, workers=det.workers,
-                              cache_dir=det.cache_dir, skip_bad_images=True, progress=False)
+    store = proposals
+    if store is None:   # the proposals the detector scored: the store detect_dataset used, from the cache
+        from .proposals import compute_proposals
+
+        store = compute_proposals(ev.dataset, det.preset, det.max_boxes, workers=det.workers,
+                                  cache_dir=det.cache_dir, skip_bad_images=True, progress=False)
     stats = det.model.stats
     facts = {"checkpoint": str(checkpoint), "data": str(ev.dataset.root), "split": ev.dataset.split,
              "images": len(ev.dataset), "backbone": det.model.features.backbone,

@@ -19,7 +19,9 @@ def register(sub) -> None:
                     "sppdet_image_id, categories, ground truth) that those ids refer to. COCO-format data keeps "
                     "its own image and category ids; other data numbers images 1, 2, ... in split order and "
                     "classes 1, 2, ... in class order. bbox = [x1, y1, x2 - x1, y2 - y1] of sppdet's 0-based "
-                    "continuous pixel boxes.")
+                    "continuous pixel boxes. Under torchrun (torchrun --nproc_per_node=N -m sppdet eval ...) proposals, "
+                    "conv5 maps and detection are sharded over the ranks and rank 0 alone writes and scores the "
+                    "results files: the same files and mAP as one process (docs/DISTRIBUTED.md).")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.pt written by sppdet train")
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset root")
     p.add_argument("--split", default="test", metavar="S", help="split to evaluate (default: test)")

@@ -38,10 +38,11 @@ and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -49,6 +50,7 @@ import torch
 import torchvision
 
 from ..boxes import flip_boxes
+from ..errors import ImageDecodeError
 from ..models.backbones import Backbone
 from ..models.spp import (DEFAULT_LEVELS, choose_scales, project_windows, resize_factor, spp_pool, spp_pool_whole,
                          window_feature_dim)
@@ -58,6 +60,30 @@ from ..utils.progress import progress
 log = logging.getLogger(__name__)
 
 _FLOAT16_MAX = 65504.0
+
+
+@contextlib.contextmanager
+def rank_thread_share() -> Iterator[int]:
+    """Torch's intra-op threads capped at this rank's share of the machine while the block runs.
+
+    Under a process group the cap is this machine's cores divided among its ranks
+    (:func:`sppdet.utils.dist.per_rank_workers`; 2 cores, 2 ranks: 1 thread each), so
+    ranks do not oversubscribe the cores (torchrun sets ``OMP_NUM_THREADS=1`` itself, but
+    a process started otherwise gets all the cores).  Without a group nothing changes.
+    Yields the thread count in force.
+    """
+    from ..utils import dist
+
+    threads = torch.get_num_threads()
+    share = dist.per_rank_workers(0) if dist.get_world_size() > 1 else threads
+    if share >= threads:
+        yield threads
+        return
+    torch.set_num_threads(share)
+    try:
+        yield share
+    finally:
+        torch.set_num_threads(threads)
 
 
 
@@ -393,7 +419,7 @@ class FeatureExtractor:
         return all(self.cache.has_file(self.cache.map_key(ikey, s, flip)) for s in self.scales)
 
     def precompute(self, dataset: Iterable[Any], flip: bool = False, progress: bool = True,
-                   workers: int | None = None) -> dict[str, int]:
+                   workers: int | None = None, skip_bad_images: bool = False) -> dict[str, int]:
         """Compute (or find) the conv5 maps of every image of a split; resumable.
 
         Images whose maps are already on disk are skipped, so an interrupted run
@@ -401,13 +427,69 @@ class FeatureExtractor:
         ``workers`` images (default: torch's intra-op thread count) are computed at
         once, one thread each.
 
+        Under a process group (torchrun, :mod:`sppdet.utils.dist`) this is collective:
+        every rank calls it with the same records.  Rank ``r`` of ``W`` computes the
+        records at positions ``r, r + W, ...`` (:func:`~sppdet.utils.dist.shard`) into
+        the one cache, with this machine's cores divided among its ranks
+        (:func:`rank_thread_share`); the call returns on every rank once every rank has
+        written its maps, with the counts summed over the ranks.  The files are the
+        ones a single process writes (same keys, same bits: each is computed by one
+        rank, and the maps do not depend on the thread count).  An error on one rank
+        is raised on all of them (:func:`~sppdet.utils.dist.raise_if_any`); what the
+        ranks wrote before it stays in the cache.
+
+        Args:
+            skip_bad_images: an image that cannot be decoded is skipped (counted in
+                ``"failed"``) instead of raising :class:`~sppdet.errors.ImageDecodeError`.
+
         Returns:
-            ``{"images", "computed", "cached"}`` counts.
+            ``{"images", "computed", "cached"}`` counts, and ``"failed"`` with ``skip_bad_images``.
         """
-        from ..utils.progress import progress as bar
+        from ..utils import dist
 
         records = list(dataset)
+        if self.mode == "spp" and dist.get_world_size() > 1:
+            return self._precompute_ranked(records, flip, progress, workers, skip_bad_images)
+        return self._precompute_here(records, flip, progress, workers, skip_bad_images)
+
+    def _precompute_ranked(self, records: list[Any], flip: bool, progress: bool, workers: int | None,
+                           skip_bad_images: bool) -> dict[str, int]:
+        """:meth:`precompute` on every rank of a process group: shard, compute, wait for all."""
+        from ..errors import SppdetError
+        from ..utils import dist
+
+        mine = dist.shard(records)
+        err: BaseException | None = None
+        stats: dict[str, int] = {}
+        counts = ("computed", "cached", "failed") if skip_bad_images else ("computed", "cached")
+        try:
+            with rank_thread_share():
+                stats = self._precompute_here(mine, flip, progress, workers, skip_bad_images)
+        except SppdetError as e:
+            err = e
+        # the collective check is also the barrier: once it returns, every rank's maps are on disk
+        dist.raise_if_any(err)
+        probe = None
+        if mine and self.cache_dir is not None:
+            f = self.cache.cache_file(self.cache.map_key(self.cache.image_key(mine[0].path), self.scales[0], flip))
+            probe = str(f) if f is not None and f.is_file() else None
+        every = dist.all_gather_object((stats, probe))
+        unseen = [r for r, (_, f) in enumerate(every) if f is not None and not Path(f).is_file()]
+        if unseen:
+            log.warning("conv5 cache %s: the maps rank(s) %s wrote are not visible here; put the cache (--cache / "
+                        "$SPPDET_CACHE) on a filesystem every node sees, or they are computed again where needed",
+                        self.cache_dir, ", ".join(map(str, unseen)))
+        total = {k: sum(int(s[k]) for s, _ in every) for k in counts}
+        return {"images": len(records), **total}
+
+    def _precompute_here(self, records: list[Any], flip: bool, progress: bool, workers: int | None,
+                         skip_bad_images: bool) -> dict[str, int]:
+        """:meth:`precompute` in this process only."""
+        from ..utils.progress import progress as bar
+
         stats = {"images": len(records), "computed": 0, "cached": 0}
+        if skip_bad_images:
+            stats["failed"] = 0
         if self.mode != "spp":
             return stats
         todo = [r for r in records if not self.is_cached(r.image_id, r.path, flip)]
@@ -419,17 +501,27 @@ class FeatureExtractor:
         try:
             if workers == 1 or self.device.type != "cpu":
                 for rec in todo:
-                    self._maps(rec.image_id, rec.path, flip)
-                    stats["computed"] += 1
+                    try:
+                        self._maps(rec.image_id, rec.path, flip)
+                        stats["computed"] += 1
+                    except ImageDecodeError as e:
+                        if not skip_bad_images:
+                            raise
+                        log.debug("conv5 maps: %s", e)
+                        stats["failed"] += 1
                     pbar.update(1)
             else:
-                stats["computed"] = self._precompute_threads(todo, flip, workers, pbar)
+                done, failed = self._precompute_threads(todo, flip, workers, pbar, skip_bad_images)
+                stats["computed"] = done
+                if skip_bad_images:
+                    stats["failed"] = failed
         finally:
             pbar.close()
         return stats
 
-    def _precompute_threads(self, todo: Sequence[Any], flip: bool, workers: int, pbar: Any) -> int:
-        """CPU: ``workers`` images at a time, each with one intra-op thread.
+    def _precompute_threads(self, todo: Sequence[Any], flip: bool, workers: int, pbar: Any,
+                            skip_bad_images: bool = False) -> tuple[int, int]:
+        """CPU: ``workers`` images at a time, each with one intra-op thread; ``(computed, failed)``.
 
         On a CPU, intra-op threads scale poorly on these small convolutions and collapse
         when other processes compete for the cores (measured on Lite0 at 480x640 with
@@ -443,7 +535,19 @@ class FeatureExtractor:
         from concurrent.futures import ThreadPoolExecutor
 
         threads = torch.get_num_threads()
-        done = 0
+        done = failed = 0
+
+        def finish(item: tuple[Any, Any]) -> None:
+            nonlocal done, failed
+            try:
+                done += self._finish_precompute(item, flip, pbar)
+            except ImageDecodeError as e:
+                if not skip_bad_images:
+                    raise
+                log.debug("conv5 maps: %s", e)
+                failed += 1
+                pbar.update(1)
+
         try:
             with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 pending: deque = deque()
@@ -452,16 +556,16 @@ class FeatureExtractor:
                     for rec in it:
                         pending.append((rec, pool.submit(self._compute_maps, rec.path, flip)))
                         if len(pending) >= 2 * workers:
-                            done += self._finish_precompute(pending.popleft(), flip, pbar)
+                            finish(pending.popleft())
                     while pending:
-                        done += self._finish_precompute(pending.popleft(), flip, pbar)
+                        finish(pending.popleft())
                 except BaseException:
                     for _, fut in pending:
                         fut.cancel()
                     raise
         finally:
             torch.set_num_threads(threads)   # the pool's initializer changes torch's global count
-        return done
+        return done, failed
 
     def _finish_precompute(self, item: tuple[Any, Any], flip: bool, pbar: Any) -> int:
         rec, fut = item
@@ -471,7 +575,6 @@ class FeatureExtractor:
         self._store_computed(keys, [None] * len(keys), computed, size)
         pbar.update(1)
         return 1
-
 
     def disk_report(self, dataset: Iterable[Any], num_windows: int | Sequence[int],
                     flips: Sequence[bool] = (False,)) -> dict[str, Any]:
@@ -509,4 +612,5 @@ class FeatureExtractor:
                 "ratio": (per_window / total) if total else float("nan")}
 
 
-__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "enlarge_boxes", "CACHE_FORMAT"]
+__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "enlarge_boxes", "rank_thread_share",
+           "CACHE_FORMAT"]
