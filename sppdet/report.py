@@ -71,8 +71,8 @@ def _img(path: str | Path, out: Path, alt: str = "", link: bool = True) -> str:
     return f"<a href=\"{src}\">{tag}</a>" if link else tag
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    out = ["<table>"]
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], css_class: str = "") -> str:
+    out = [f"<table class='{css_class}'>" if css_class else "<table>"]
     if any(header):
         out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
     for r in rows:
@@ -88,12 +88,65 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(out) + "</table>"
 
 
+def error_table_header(metric: str) -> tuple[str, ...]:
+    """Column headers of the error-breakdown table, in order (rows: :func:`error_table_rows`)."""
+    return ("class", "objects (N)", "TP in top N", "FP in top N", "localisation", "similar class", "other class",
+            "background", f"AP ({metric})", f"AP ({metric}), localisation fixed")
+
+
+def error_table_rows(errors: Mapping[str, Any]) -> list[tuple]:
+    """Rows of :func:`error_table_header` from an error breakdown's JSON: all classes first, then
+    every class that has non-difficult objects."""
+    from .evaluation.errors import ERROR_TYPES
+
+    def nan(v):
+        return float("nan") if v is None else float(v)
+
+    o = errors["overall"]
+    rows = [("all classes", sum(v["npos"] for v in errors["per_class"].values()), o["tp"], o["fp"],
+             *(o["counts"][k] for k in ERROR_TYPES), nan(o["mAP"]), nan(o["mAP_loc_fixed"]))]
+    for c, v in errors["per_class"].items():
+        if v["npos"] > 0:
+            rows.append((c, v["npos"], v["tp"], v["fp"], *(v["counts"][k] for k in ERROR_TYPES), nan(v["ap"]),
+                         nan(v["ap_loc_fixed"])))
+    return rows
+
+
+def _errors_section(errors: Mapping[str, Any], out: Path, figure: Path | None, json_file: Path | None) -> str:
+    o = errors["overall"]
+    fr = o["fractions"]
+    share = ", ".join(f"{name} {fr[k]:.0%}" for k, name in (("localisation", "localisation"),
+                                                            ("similar", "similar classes"),
+                                                            ("other", "other classes"),
+                                                            ("background", "background"))
+                      if fr.get(k) is not None)
+    parts = ["<section id='errors'><h2>Where the false positives are</h2>",
+             "<p>Each class's top N detections (N = its objects that are not difficult; matched as the VOC "
+             "devkit does) hold the false positives counted here: <b>localisation</b> (overlap 0.1-0.5 with "
+             "an object of the class, or a duplicate detection), <b>similar class</b> (overlap &ge; 0.1 with "
+             "an object of a class in the same VOC group: animals, vehicles, furniture), <b>other class</b> "
+             "(overlap &ge; 0.1 with any other object), <b>background</b> (the rest). "
+             "<i>AP, localisation fixed</i>: the AP had every localisation error been corrected.</p>",
+             "<p>" + (html.escape(f"{o['fp']} false positives: {share}") if o["fp"] else "no false positives")
+             + "</p>"]
+    if figure is not None:
+        parts.append(f"<figure>{_img(figure, out, 'false positives by type')}</figure>")
+    parts.append(_table(error_table_rows(errors), error_table_header(errors["metric"]), "errors"))
+    if json_file is not None:
+        src = html.escape(_src(json_file, out), quote=True)
+        parts.append(f"<p class='muted'>as JSON: <a href=\"{src}\">{html.escape(Path(json_file).name)}</a></p>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
 def write_report(out_dir: str | Path, *, title: str, metric: str, mean_ap: float, ap: dict[str, float],
                  npos: dict[str, int] | None = None, pr_images: Sequence[Path] = (),
                  examples: Sequence[tuple[Path, str]] = (), timings: dict[str, Any] | None = None,
                  config_yaml: str = "", facts: dict[str, Any] | None = None,
                  figures: Sequence[tuple[Path, str]] = (),
-                 tables: Sequence[tuple[str, Sequence[Sequence[Any]], Sequence[str]]] = ()) -> Path:
+                 tables: Sequence[tuple[str, Sequence[Sequence[Any]], Sequence[str]]] = (),
+                 errors: Mapping[str, Any] | None = None, errors_figure: Path | None = None,
+                 errors_json: Path | None = None) -> Path:
     """Write ``out_dir/index.html``; every image it shows is referenced relative to it.
 
     Args:
@@ -107,6 +160,10 @@ def write_report(out_dir: str | Path, *, title: str, metric: str, mean_ap: float
         timings: {section: {stage: seconds or {"seconds", "reused", "total_seconds"}}}.
         config_yaml: the resolved config.
         facts: extra key/value lines (checkpoint, data, split, ...).
+        errors: the false-positive breakdown,
+            :meth:`sppdet.evaluation.errors.ErrorBreakdown.to_json`, shown as its own section
+            (``id="errors"``: the figure ``errors_figure``, a table with one row per class and one for
+            all classes, a link to ``errors_json``).
 
     Every image path (absolute, or relative to the working directory) must lie inside
     ``out_dir``; it is written into the HTML relative to ``out_dir``.
@@ -135,6 +192,8 @@ def write_report(out_dir: str | Path, *, title: str, metric: str, mean_ap: float
     for heading, trows, header in tables:
         parts.append(f"<div><h2>{html.escape(heading)}</h2>{_table(trows, header)}</div>")
     parts.append("</div>")
+    if errors:
+        parts.append(_errors_section(errors, out, errors_figure, errors_json))
     if pr_images:
         parts.append("<h2>Precision-recall curves</h2><div class='grid'>")
         for p in pr_images:
@@ -281,6 +340,10 @@ def write_eval_report(out_dir: str | Path, *, result, dataset, detections: Mappi
                         "where the time goes: training stages (all runs) and test time per image in this "
                         "evaluation (proposals and conv5 maps found in the cache cost ~0)"))
 
+    errors = errors_figure = errors_json = None
+    if result.per_class:
+        errors, errors_figure, errors_json = _error_breakdown(out, figs, result, dataset, detections, classes)
+
     pr = plot_pr_curves(result, out / "pr") if result.per_class else []
     examples = draw_examples(out / "examples", dataset.records, detections, classes, n_examples)
     timings = {"training (seconds per stage)": {k: v for k, v in train_stats.get("timings", {}).items()
@@ -288,4 +351,29 @@ def write_eval_report(out_dir: str | Path, *, result, dataset, detections: Mappi
                "test (seconds per image)": dict(test_per_image or {})}
     return write_report(out, title=title, metric=result.metric, mean_ap=result.mAP, ap=result.ap, npos=npos,
                         pr_images=pr, examples=examples, timings=timings, config_yaml=config_yaml, facts=facts,
-                        figures=figures, tables=tables)
+                        figures=figures, tables=tables, errors=errors, errors_figure=errors_figure,
+                        errors_json=errors_json)
+
+
+#: The error breakdown's JSON in a report folder.
+ERRORS_JSON = "error_breakdown.json"
+
+
+def _error_breakdown(out: Path, figs: Path, result, dataset, detections: Mapping[str, Any], classes: list[str]):
+    """The false-positive breakdown of the detections (:mod:`sppdet.evaluation.errors`), computed here
+    from the detections and the split the report is given (the same detections, in the same order,
+    as the results files ``sppdet eval`` scores): (its JSON, the figure, ``out/error_breakdown.json``)."""
+    import json
+
+    from .evaluation.errors import error_breakdown_from_detections
+    from .evaluation.plots import plot_error_breakdown
+
+    metric = result.metric if result.metric in ("voc07", "voc12") else "voc07"
+    scored = [c for c in classes if c in result.per_class] or list(classes)
+    b = error_breakdown_from_detections(dataset, detections, classes, metric=metric)
+    b.per_class = {c: b.per_class[c] for c in scored}
+    log.info("%s", b.summary())
+    data = b.to_json()
+    js = out / ERRORS_JSON
+    atomic_write_text(js, json.dumps(data, indent=1) + "\n")
+    return data, plot_error_breakdown(b, figs / "error_breakdown.png"), js

@@ -143,7 +143,8 @@ def test_eval_report_with_a_relative_dir_from_another_cwd(tiny_demo, tmp_path, m
     for fig in ("ap_per_class", "finetune_curve", "proposal_recall", "stage_seconds"):
         assert f"figures/{fig}.png" in srcs, fig
     assert any(s.startswith("examples/") for s in srcs) and any(s.startswith("pr/") for s in srcs)
-    assert n == 2 * len(srcs)            # each image links to itself
+    assert n == 2 * len(srcs) + 1        # each image links to itself, plus the error breakdown's JSON
+    assert ("a", "href", "error_breakdown.json") in html_links(index)
     text = index.read_text()
     assert "recall@0.5" in text and "average recall" in text
 
@@ -206,3 +207,106 @@ def test_training_records_the_finetune_curve(tiny_demo, tmp_path, monkeypatch):
     assert json.loads((again / "timings.json").read_text())["finetune"]["reused"]
     assert json.loads((again / "finetune_log.json").read_text()) == log
     assert torch.load(again / "model.pt", weights_only=True)["stats"]["finetune"] == log
+
+
+class _ErrorsTable(HTMLParser):
+    """The cells of <table class='errors'> inside <section id='errors'>, row by row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_section = self.in_table = self.in_cell = False
+        self.rows: list[list[str]] = []
+        self.section_seen = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section" and a.get("id") == "errors":
+            self.in_section = self.section_seen = True
+        elif tag == "table" and self.in_section and a.get("class") == "errors":
+            self.in_table = True
+        elif tag == "tr" and self.in_table:
+            self.rows.append([])
+        elif tag in ("td", "th") and self.in_table:
+            self.in_cell = True
+            self.rows[-1].append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.in_cell = False
+        elif tag == "table":
+            self.in_table = False
+        elif tag == "section":
+            self.in_section = False
+
+    def handle_data(self, data):
+        if self.in_cell:
+            self.rows[-1][-1] += data
+
+
+def errors_table(index: Path) -> tuple[list[str], list[dict[str, str]]]:
+    p = _ErrorsTable()
+    p.feed(index.read_text(encoding="utf-8"))
+    p.close()
+    assert p.section_seen, f"{index}: no error-breakdown section"
+    header, *rows = p.rows
+    return header, [dict(zip(header, r)) for r in rows]
+
+
+def test_report_error_section_escapes_and_sums(tmp_path):
+    from sppdet.data.records import Dataset
+    from sppdet.evaluation.errors import error_breakdown_from_detections
+
+    recs = [ImageRecord("a", tmp_path / "a.png", 64, 64, np.array([[0, 0, 20, 20], [30, 30, 60, 60]], np.float32),
+                        np.array([0, 1]))]
+    ds = Dataset("t", "test", ["a<b", "cat"], recs)
+    dets = {"a": Detections(np.array([[0, 0, 20, 20], [30, 30, 60, 60], [5, 0, 25, 20]], np.float32),
+                            np.array([0.9, 0.8, 0.7], np.float32), np.array([0, 0, 1]))}
+    b = error_breakdown_from_detections(ds, dets).to_json()
+    index = write_report(tmp_path / "rep", title="t", metric="voc07", mean_ap=0.5, ap={"a<b": 1.0, "cat": 0.0},
+                         errors=b)
+    text = index.read_text()
+    assert "<b>" not in text.replace("<b>localisation", "").replace("<b>similar class", "") \
+        .replace("<b>other class", "").replace("<b>background", "")
+    header, rows = errors_table(index)
+    assert [r["class"] for r in rows] == ["all classes", "a<b", "cat"]
+    types = ["localisation", "similar class", "other class", "background"]
+    for r in rows:
+        assert sum(int(r[t]) for t in types) == int(r["FP in top N"])
+    # a<b: top 1 = the TP; cat: its top 1 detection overlaps the a<b object only: "other class"
+    assert rows[1]["TP in top N"] == "1" and rows[1]["FP in top N"] == "0"
+    assert rows[2]["FP in top N"] == "1" and rows[2]["other class"] == "1"
+
+
+def test_eval_report_error_breakdown_sums_to_the_devkit_false_positives(tiny_demo):
+    """The demo's report has the error-breakdown section; per class, its four types add up to the
+    false positives among the class's top N detections, N its non-difficult objects, as the devkit
+    evaluator counts them on the results files the demo wrote; the overall row adds up the classes;
+    the JSON beside it holds the same numbers."""
+    from sppdet.data import load_dataset
+    from sppdet.evaluation.voc import evaluate_voc_results
+
+    demo = tiny_demo["out"]
+    index = demo / "report" / "index.html"
+    srcs = {v for tag, k, v in html_links(index) if k == "src"}
+    assert "figures/error_breakdown.png" in srcs
+    header, rows = errors_table(index)
+    types = ["localisation", "similar class", "other class", "background"]
+    assert rows[0]["class"] == "all classes" and len(rows) > 1
+    ds = load_dataset(demo / "data", "test", classes=[r["class"] for r in rows[1:]])
+    ev = evaluate_voc_results(ds, demo / "results")
+    total = {t: 0 for t in types + ["FP in top N", "TP in top N"]}
+    for r in rows[1:]:
+        c = r["class"]
+        cr = ev.per_class[c]
+        n = min(cr.npos, len(cr.fp))
+        assert int(r["objects (N)"]) == cr.npos
+        assert sum(int(r[t]) for t in types) == int(r["FP in top N"]) == (int(cr.fp[n - 1]) if n else 0), c
+        assert int(r["TP in top N"]) == (int(cr.tp[n - 1]) if n else 0), c
+        assert float(r["AP (voc07)"]) == pytest.approx(cr.ap, abs=5e-5)
+        for t in total:
+            total[t] += int(r[t])
+    for t, v in total.items():
+        assert int(rows[0][t]) == v, t
+    data = json.loads((demo / "report" / "error_breakdown.json").read_text())
+    assert data["overall"]["fp"] == total["FP in top N"]
+    assert {c: v["fp"] for c, v in data["per_class"].items()} == {r["class"]: int(r["FP in top N"]) for r in rows[1:]}

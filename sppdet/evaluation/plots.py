@@ -1,4 +1,4 @@
-"""Evaluation figures: PR curves, AP bars, fine-tuning curve, proposal recall, stage times.
+"""Evaluation figures: PR curves, AP bars, fine-tuning curve, proposal recall, stage times, error breakdown.
 
 All drawn on matplotlib's Agg canvas (no display, no pyplot global state).
 """
@@ -229,4 +229,42 @@ def plot_stage_seconds(panels: dict[str, dict[str, float]], out_file: str | Path
         ax.set_yticks(range(len(items)), [k for k, _ in items], fontsize=8)
         ax.set(xlim=(0, top * 1.22 if top > 0 else 1.0), title=title, xlabel="seconds")
         ax.grid(axis="x", alpha=0.3)
+    return _finish(fig, out_file)
+
+
+#: Colours of the error types (sppdet.evaluation.errors.ERROR_TYPES), in stacking order.
+ERROR_COLOURS = {"localisation": "#4c78a8", "similar": "#f58518", "other": "#e45756", "background": "#9d9d9d"}
+
+
+def plot_error_breakdown(breakdown, out_file: str | Path) -> Path:
+    """One stacked horizontal bar per class (and one for all classes, on top): the shares of the
+    false positives among its top-N detections by type (localisation, similar class, other class,
+    background), the number of false positives and N printed beside it.
+
+    Args:
+        breakdown: a :class:`sppdet.evaluation.errors.ErrorBreakdown`; classes without
+            non-difficult objects are left out (they have no top N).
+    """
+    from .errors import ERROR_NAMES, ERROR_TYPES
+
+    rows = [(c, r.counts, r.fp, r.considered) for c, r in breakdown.per_class.items() if r.npos > 0]
+    overall = ("all classes", breakdown.counts, breakdown.fp,
+               sum(r.considered for r in breakdown.per_class.values() if r.npos > 0))
+    rows = [overall] + rows
+    fig, ax = _figure(6.8, max(3.0, 0.28 * len(rows) + 1.5))
+    y = np.arange(len(rows))[::-1]                  # the overall bar on top
+    left = np.zeros(len(rows))
+    for k in ERROR_TYPES:
+        share = np.array([cnt[k] / fp if fp else 0.0 for _, cnt, fp, _ in rows])
+        ax.barh(y, share, left=left, color=ERROR_COLOURS[k], height=0.72, label=ERROR_NAMES[k])
+        left += share
+    for yy, (_, _, fp, n) in zip(y, rows):
+        ax.text(1.01, yy, f"{fp}/{n}" if fp else f"0/{n}, no FP", va="center", fontsize=7)
+    ax.set_yticks(y, [name for name, *_ in rows], fontsize=8)
+    ax.set(xlim=(0, 1.17), xlabel="share of the false positives among the top N detections (N = objects)",
+           )
+    ax.set_title("False positives by type (FP / N at the right)", pad=20)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
     return _finish(fig, out_file)
