@@ -29,6 +29,8 @@ class CheckpointEvaluation:
     results_dir: Path | None
     report: Path | None = None
     timings: dict[str, Any] = field(default_factory=dict)
+    #: the false-positive breakdown (:mod:`sppdet.evaluation.errors`, VOC metrics only), as JSON
+    errors: dict[str, Any] | None = None
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: str, *, metric: str = "voc07",
@@ -86,6 +88,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
         log.info("%s/%s: mAP %.4f (%s) over %d images, %.2f s per image", ds.root, split, result.mAP, metric,
                  len(dets), t_detect / max(len(dets), 1))
         ev = CheckpointEvaluation(result, ds, dets, out, None, timings)
+        if metric in ("voc07", "voc12"):
+            from .evaluation.errors import error_breakdown_from_detections
+
+            b = error_breakdown_from_detections(ds, dets, det.classes, metric=metric)
+            log.info("%s", b.summary())
+            ev.errors = b.to_json()
         if report_dir:
             ev.report = write_eval_report(ev, det, Path(report_dir).expanduser(), checkpoint, report_examples,
                                           proposals=store)
@@ -104,11 +112,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
             err = e
     dist.raise_if_any(err)
     # the scores (without the PR curves), the timings and the report's path on every rank
-    shared = dist.broadcast_object((_without_curves(ev.result), ev.timings, ev.report) if ev is not None else None)
+    shared = dist.broadcast_object((_without_curves(ev.result), ev.timings, ev.report, ev.errors)
+                                   if ev is not None else None)
     if ev is not None:
         return ev
-    light, timings, report = shared
-    return CheckpointEvaluation(light, ds, dets, out, report, timings)
+    light, timings, report, errors = shared
+    return CheckpointEvaluation(light, ds, dets, out, report, timings, errors)
 
 
 def _without_curves(result: EvalResult) -> EvalResult:

@@ -54,6 +54,8 @@ def run(args) -> int:
                     "seconds_per_image": ev.timings.get("per_image", {})})
         if ev.report:
             out["report"] = str(ev.report)
+        if ev.errors:
+            out["errors"] = ev.errors
         print(json.dumps(out))
     else:
         print(format_ap_table(ev.result, list(ev.result.ap)))
@@ -62,6 +64,12 @@ def run(args) -> int:
         per = ev.timings.get("per_image", {})
         if per:
             print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+        if ev.errors and ev.errors["overall"]["fp"]:
+            o = ev.errors["overall"]
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in o["fractions"].items() if v is not None)
+            fixed = o.get("mAP_loc_fixed")
+            print(f"top-ranked false positives ({o['fp']}): {shares}"
+                  + (f"; mAP with localisation errors fixed {fixed:.4f}" if fixed is not None else ""))
         if ev.report:
             print(f"report: {ev.report}")
     return 0
