@@ -206,6 +206,27 @@ def test_reusing_a_proposal_store_marks_its_last_use(evaluated, tiny_run):
     assert st.st_mtime == pytest.approx(old, abs=1) and abs(st.st_atime - time.time()) < 600
 
 
+def test_a_rerun_that_finds_everything_cached_changes_no_file_but_records_the_use(evaluated, tiny_run):
+    from sppdet.features.cache_admin import list_cache
+
+    def files():
+        return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in evaluated.rglob("*") if p.is_file()}
+
+    old = time.time() - 10 * 86400
+    for p in evaluated.rglob("*"):
+        if p.is_file():
+            os.utime(p, (old, old))                          # as if written and last used 10 days ago
+    before = files()
+    for p in evaluated.rglob("*"):                           # (reading them set their access times)
+        if p.is_file():
+            os.utime(p, (old, old))
+    assert [round(e.last_use) for e in list_cache(evaluated).entries] == [round(old)] * 2
+    assert main(["-q", "eval", "--checkpoint", str(tiny_run["checkpoint"]), "--data", str(tiny_run["data"]),
+                 "--split", "test", "--cache", str(evaluated), "--device", "cpu", "--workers", "1"]) == 0
+    assert files() == before
+    assert all(abs(e.last_use - time.time()) < 600 for e in list_cache(evaluated).entries)
+
+
 def test_a_folder_that_is_not_a_cache_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")

@@ -48,7 +48,7 @@ import numpy as np
 from ..errors import CacheError
 from ..models.spp import resize_factor
 from .conv5_cache import (CACHE_FORMAT, LOCK_NAME, MAP_FILE_RE, SHARD_DIR_RE, USE_FILE_RE, USES_DIR, entry_name,
-                          write_use_record)
+                          open_noatime, read_use_record, write_use_record)
 
 try:
     import fcntl
@@ -223,7 +223,7 @@ def check_conv5_space(extractor, dataset, flips: Sequence[bool] = (False,), *,
            "max_side": extractor.max_side, "flips": list(flips), "dtype": extractor.cache_dtype,
            "backbone": extractor.backbone.name, "weights_id": str(extractor.backbone.weights_id),
            "maps": nmaps, "estimated_bytes": plan.total}
-    write_use_record(entry, use)
+    write_use_record(entry, use, keep_existing=True)
     extractor.cache.expect(plan.missing, lambda: _report_use(entry, use, plan.keys, n))
     return info
 
@@ -241,8 +241,7 @@ def _report_use(entry: Path, use: dict, keys: Sequence[str], images: int) -> Non
     what = f"{use.get('dataset')}/{use.get('split')}" if use.get("dataset") else "the split"
     log.info("conv5 cache: %s, %d images, %d maps: %s on disk, %s per image (%s)", what, images, found,
              human_bytes(total), human_bytes(per), entry)
-    write_use_record(entry, {**use, "bytes": total, "maps_on_disk": found, "bytes_per_image": int(per),
-                             "completed": time.time()})
+    write_use_record(entry, {**use, "bytes": total, "maps_on_disk": found, "bytes_per_image": int(per)})
 
 
 def conv5_disk_use(extractor, dataset, flips: Sequence[bool] = (False,)) -> dict:
@@ -444,9 +443,10 @@ class CacheEntry:
         files: number of files.
         images: images it holds (conv5: the images of the splits that used it, per its use
             records; proposals: the store's; R-CNN: files, one per image and flip), or ``None``.
-        last_use: seconds since the epoch (conv5: its lock file, touched by every process that
-            uses it, or its newest file; proposals: the store's access time, set whenever a run
-            reuses it, or its newest file; R-CNN: newest access or change).
+        last_use: seconds since the epoch (conv5: the access time of its lock file and use
+            records, set by every process that uses it, or its newest file; proposals: the store's
+            access time, set whenever a run reuses it, or its newest file; R-CNN: newest access
+            or change).
         description: one line saying what it is.
         details: kind-specific facts (JSON-serialisable).
     """
@@ -511,12 +511,8 @@ def cache_root(path: str | Path) -> Path | None:
 
 def _read_store_settings(path: Path) -> dict | None:
     """The ``settings`` of a proposal store, read without changing its access time (``None``: unreadable)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        try:
-            fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
-        except PermissionError:         # O_NOATIME is for the file's owner only
-            fd = os.open(path, flags)
+        fd = open_noatime(path)
         with os.fdopen(fd, "rb") as fh:
             with np.load(fh, allow_pickle=False) as z:
                 s = json.loads(str(z["settings"].item()))
@@ -530,18 +526,18 @@ def _read_store_settings(path: Path) -> dict | None:
 
 
 def _read_uses(entry: Path) -> list[dict]:
+    """The entry's use records, each with ``last_use`` (the record's access time, see
+    :func:`~sppdet.features.conv5_cache.write_use_record`)."""
     out = []
     d = entry / USES_DIR
     if not d.is_dir() or d.is_symlink():
         return out
     for f in sorted(d.iterdir()):
         if USE_FILE_RE.match(f.name) and f.is_file() and not f.is_symlink():
-            try:
-                rec = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
+            rec = read_use_record(f)
+            if rec is not None:
+                st = f.stat()
+                out.append({**rec, "last_use": max(st.st_atime, st.st_mtime)})
     return out
 
 
@@ -577,10 +573,11 @@ def _conv5_entries(root: Path, feat_fd: int, unrecognised: list[str]) -> list[Ca
         path = root / "features" / name
         uses = _read_uses(path)
         try:
-            lock_m = os.stat(path / LOCK_NAME, follow_symlinks=False).st_mtime
+            st_lock = os.stat(path / LOCK_NAME, follow_symlinks=False)
+            lock_t = max(st_lock.st_atime, st_lock.st_mtime)
         except OSError:
-            lock_m = 0.0
-        last = max([lock_m, t.newest_mtime] + [float(u.get("last_use", 0) or 0) for u in uses]) or None
+            lock_t = 0.0
+        last = max([lock_t, t.newest_mtime] + [float(u.get("last_use", 0) or 0) for u in uses]) or None
         by_split: dict[tuple, int] = {}
         for u in uses:
             k = (u.get("dataset"), u.get("split"), u.get("root"))

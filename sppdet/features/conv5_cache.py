@@ -10,16 +10,18 @@ logged and rebuilt.
 
 Each ``<backbone>-<id8>`` folder is one cache *entry* (``sppdet cache list / prune``,
 :mod:`sppdet.features.cache_admin`).  A process that uses an entry holds a shared ``flock`` on
-its ``.sppdet-lock`` file (taken on first use, kept while the cache object lives, its mtime the
-entry's last use); ``sppdet cache prune`` takes the lock exclusively, so it never deletes an
+its ``.sppdet-lock`` file (taken on first use, kept while the cache object lives, its access
+time the entry's last use); ``sppdet cache prune`` takes the lock exclusively, so it never deletes an
 entry under a running job, and a job that starts while a prune deletes its entry waits for the
 prune to end.  ``uses/<hash>.json`` records which dataset, split and settings used the entry
-(written before each conv5 stage, completed with the bytes on disk at its end).
+(written before each conv5 stage, completed with the bytes on disk at its end, rewritten only
+when that changes; its access time is the use's time).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -243,8 +245,8 @@ def hold_entry_lock(entry: Path) -> int | None:
     """Open ``entry/.sppdet-lock`` (creating the folder and the file) and hold a shared lock on it.
 
     Blocks while ``sppdet cache prune`` holds it exclusively (it deletes the entry, lock file
-    included, then lets go: the lock is then taken on a fresh file).  Touches the file's mtime
-    (the entry's last use).  Returns the descriptor (close it to let go), or ``None`` where locks
+    included, then lets go: the lock is then taken on a fresh file).  Sets the file's access time
+    to now (the entry's last use; its mtime and content never change).  Returns the descriptor (close it to let go), or ``None`` where locks
     are unavailable (no ``fcntl``, a read-only cache): the cache works unlocked then.
     """
     if fcntl is None:
@@ -271,13 +273,42 @@ def hold_entry_lock(entry: Path) -> int | None:
             os.close(fd)
             return None
         if _same_file(fd, path):
-            try:
-                os.utime(fd)
-            except (OSError, NotImplementedError):
-                pass
+            mark_used(fd)
             return fd
         os.close(fd)      # the prune removed the file we waited on: lock the new one
     return None
+
+
+def mark_used(fd: int) -> None:
+    """Set the access time of the open file ``fd`` to now, its mtime unchanged (a last use that no
+    mount option -- ``relatime``, ``noatime`` -- hides, and that changes no file's content or
+    mtime).  Best effort: needs to own the file."""
+    try:
+        os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
+    except (OSError, NotImplementedError):
+        pass
+
+
+def open_noatime(path: Path) -> int:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags | getattr(os, "O_NOATIME", 0))
+    except PermissionError:         # O_NOATIME is for the file's owner only
+        return os.open(path, flags)
+
+
+def read_use_record(path: Path) -> dict[str, Any] | None:
+    """A use record (read without changing its access time), or ``None``."""
+    try:
+        fd = open_noatime(path)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            rec = json.loads(fh.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def use_record_path(entry: Path, use: dict[str, Any]) -> Path:
@@ -286,13 +317,26 @@ def use_record_path(entry: Path, use: dict[str, Any]) -> Path:
     return entry / USES_DIR / f"{stable_hash(ident)}.json"
 
 
-def write_use_record(entry: Path, use: dict[str, Any]) -> Path | None:
-    """Write (atomically) the record of one use of ``entry``; ``last_use`` is set to now.
-    Best effort: a read-only cache gets no record (``None``)."""
-    rec = {**use, "format": CACHE_FORMAT, "last_use": time.time()}
+def write_use_record(entry: Path, use: dict[str, Any], *, keep_existing: bool = False) -> Path | None:
+    """Record one use of ``entry``; its access time is the use's time.
+
+    The file is (atomically) rewritten only when its content would change -- with
+    ``keep_existing``, only when a record of these settings is missing or disagrees with ``use``
+    on one of its keys (so the bytes a finished stage added stay) -- so a rerun that finds
+    everything cached changes no file's content or mtime.  Best effort: a read-only cache gets
+    no record (``None``)."""
+    rec = {**use, "format": CACHE_FORMAT}
     path = use_record_path(entry, use)
+    old = read_use_record(path)
+    same = old is not None and (all(old.get(k) == v for k, v in rec.items()) if keep_existing else old == rec)
     try:
-        atomic_write_json(path, rec)
+        if not same:
+            atomic_write_json(path, rec)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            mark_used(fd)
+        finally:
+            os.close(fd)
     except (OSError, SppdetError) as e:
         log.debug("%s: cannot write the conv5 cache's use record (%s)", path, e)
         return None
