@@ -30,6 +30,7 @@ COMMANDS = (
     "bench",
     "weights",
     "export",
+    "cache",
 )
 
 #: Commands that use several processes under torchrun (see docs/DISTRIBUTED.md); any other

@@ -28,6 +28,10 @@ Writes are atomic (temporary file + rename).  A run in progress keeps one
 stopped; the sidecar is merged into the store and removed at the end.
 Shards write ``<stem>.shard-<i>-of-<N>.npz`` next to the store;
 :func:`merge_shards` combines a complete set into the store.
+
+A store reused by :func:`load_if_valid` gets its access time set to now (:func:`mark_used`):
+``sppdet cache list`` shows it as the store's last use and ``sppdet cache prune --older-than``
+goes by it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import time
 import shutil
 import zipfile
 from pathlib import Path
@@ -386,7 +392,24 @@ def load_if_valid(path: str | Path, settings: Mapping[str, Any]) -> ProposalStor
         logger.info("%s: written with other settings (%s differ); not reused, rebuilding", path,
                     ", ".join(diff))
         return None
+    mark_used(path)
     return store
+
+
+def mark_used(path: str | Path) -> None:
+    """Set the access time of ``path`` to now, its modification time unchanged (the store's last
+    use, whatever the filesystem's ``relatime``/``noatime`` policy).  Best effort: a file of
+    another user's or on a read-only filesystem keeps its times."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
+    except (OSError, NotImplementedError):
+        pass
+    finally:
+        os.close(fd)
 
 
 def find_shards(store_path: str | Path) -> dict[int, dict[int, Path]]:

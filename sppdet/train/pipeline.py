@@ -183,6 +183,7 @@ class Pipeline:
         feats = self._window_features(extractor, train_set, windows)
         flips = (False, True) if cfg.features.flip else (False,)
         need_flips = flips if cfg.finetune.enabled and not cfg.finetune.end_to_end else (False,)
+        from ..features.cache_admin import check_conv5_space; check_conv5_space(extractor, train_set, need_flips)  # noqa: E702,E501
         self._timed("features", lambda: feats.prepare(need_flips))
         feat_key = stable_hash([features_key(cfg, backbone), data_key])
 
