@@ -16,6 +16,7 @@ from typing import Any
 from .build import eval_dataset
 from .data.records import Dataset
 from .detect import Detections, Detector
+from .features.cache_admin import check_conv5_space
 from .evaluation.voc import EvalResult, evaluate_voc_results, read_voc_results, write_voc_results
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     det = Detector.from_checkpoint(checkpoint, device=device, cache_dir=cache_dir, test_overrides=test_overrides)
     det.use_bbox_reg = use_bbox_reg and det.model.bbox_reg is not None
     ds = eval_dataset(det.config, data_root, split, det.classes, data_format=data_format, annotations=annotations)
-    from .features.cache_admin import check_conv5_space; check_conv5_space(det.extractor, ds, (False, True) if det.model.test.flip else (False,))  # noqa: E702,E501
+    check_conv5_space(det.extractor, ds, (False, True) if det.model.test.flip else (False,))
     t = time.perf_counter()
     store = det.dataset_proposals(ds, workers=workers, show_progress=show_progress)
     dets = det.detect_dataset(ds, workers=workers, show_progress=show_progress, proposals=store)
