@@ -9,6 +9,7 @@ Public API::
     evaluate_coco(dataset, detections, classes=None) -> EvalResult        (sppdet.evaluation.coco)
     plot_pr_curves(result, out_dir) -> list[Path]                         (sppdet.evaluation.plots)
     format_ap_table(result, classes=None) -> str
+    error_breakdown_from_detections(dataset, detections, classes, metric=...)  (sppdet.evaluation.errors)
     voc_ap(rec, prec, metric), eval_class(...), matlab_colon(a, d, b)     (the devkit's pieces)
 
 See :mod:`sppdet.evaluation.voc` for how the MATLAB devkit is reproduced.
