@@ -387,12 +387,16 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
         atomic_torch_save(snapshot, _snapshot_state(head, opt, it, states, key, extra_modules, curve.state(),
                                                     rank_rngs))
 
+    gathered: dict[int, list] = {}   # iteration -> every rank's torch generator then (the latest only)
+
     def save_all(it: int) -> None:
         """:func:`save` with every rank's torch generator (a collective: every rank calls it)."""
         if world == 1:
             save(it, rng_states())
         else:
-            save(it, rng_states(), dist.all_gather_object(torch.get_rng_state()))
+            gathered.clear()
+            gathered[it] = dist.all_gather_object(torch.get_rng_state())
+            save(it, rng_states(), gathered[it])
 
     shares = [[w for w in usable if w.index % world == r] for r in range(world)]
     plan = batches if batches is not None else (lambda i, g: draw_batch(shares, i, params, g))
@@ -477,7 +481,9 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
                 save_all(it)
                 last_save = time.monotonic()
     except KeyboardInterrupt:
-        save(it, states)   # several ranks: rank 0's state; the others re-seed their dropout on resume
+        # several ranks: no collective now; the other ranks' generators are kept when the last
+        # periodic snapshot was of this iteration, else they re-seed their dropout on resume
+        save(it, states, gathered.get(it))
         log.warning("fine-tuning interrupted at iteration %d; progress saved to %s", it, snapshot)
         raise
     finally:
