@@ -6,6 +6,10 @@ whose output exists with the same key is skipped, so a killed run resumes.
 Inside a stage, proposals and conv5 maps are cached per image, and
 fine-tuning saves a snapshot periodically and on Ctrl-C.
 
+Under torchrun (a process group) every rank runs the pipeline; the learned stages split their
+work over the ranks (docs/DISTRIBUTED.md) and end with the same result on every rank, and rank 0
+alone writes the run folder.
+
 Files in RUN: ``config.yaml`` (the resolved config of ``model.pt``, written with it), ``train.log``,
 ``timings.json`` (seconds per stage), ``finetune_log.json`` (the fine-tuning
 loss/accuracy curve), ``stages/*.pt`` and ``model.pt`` (the checkpoint, DESIGN §3).
@@ -128,12 +132,17 @@ class Pipeline:
         if feats.pooled_budget <= 0:
             return
         t0 = time.perf_counter()
-        mine = dist.shard(range(len(feats.windows)))
-        for i in progress(mine, desc="pooling windows", unit="img", disable=None if self.show_progress else True):
-            for f in flips:
-                feats(i, np.zeros(1, np.int64), f)   # pools all of image i's windows, if they fit
-        log.info("SPP features of this rank's %d images pooled into RAM (within %.2f GiB): %.2f GiB, %.1f s",
-                 len(mine), feats.pooled_budget / 2 ** 30, feats.pooled_bytes / 2 ** 30, time.perf_counter() - t0)
+        items = [(i, f) for f in flips for i in dist.shard(range(len(feats.windows))) if len(feats.windows[i])]
+        kept = 0
+        for i, f in progress(items, desc="pooling windows", unit="img", disable=None if self.show_progress else True):
+            before = feats.pooled_bytes
+            feats(i, np.zeros(1, np.int64), f)   # pools all of image i's windows when they fit
+            if feats.pooled_bytes == before:     # over the budget: the rest are pooled per batch
+                break
+            kept += 1
+        log.info("SPP features of %d of this rank's %d image views pooled into RAM: %.2f GiB (budget %.2f GiB), "
+                 "%.1f s", kept, len(items), feats.pooled_bytes / 2 ** 30, feats.pooled_budget / 2 ** 30,
+                 time.perf_counter() - t0)
 
     def _stage_file(self, name: str) -> Path:
         return self.stage_dir / f"{name}.pt"
