@@ -284,13 +284,18 @@ class Pipeline:
         if self.finetune_stats is not None:
             model.stats["finetune"] = self.finetune_stats
         ckpt = self.run_dir / "model.pt"
-        self.timings["total_seconds_this_run"] = round(time.perf_counter() - t_all, 3)
+        err: BaseException | None = None
         if dist.is_main():   # every rank holds the same detector; rank 0 writes it
-            ckpt = save_detector(ckpt, model, cfg)
-            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            try:
+                ckpt = save_detector(ckpt, model, cfg)
+                atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
+                err = e
+        self.timings["total_seconds_this_run"] = round(time.perf_counter() - t_all, 3)
+        if dist.is_main() and err is None:
             atomic_write_json(self.run_dir / "timings.json", self.timings)
             log.info("checkpoint written to %s", ckpt)
-        dist.barrier()   # the checkpoint exists when any rank returns its path
+        dist.raise_if_any(err)   # also the point after which the checkpoint exists for every rank
         return ckpt
 
     # ---------------------------------------------------------------- stages
