@@ -353,10 +353,11 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
                 opt.load_state_dict(state["optimizer"])
                 rng.bit_generator.state = state["numpy_rng"]
                 rank_rngs = state.get("torch_rng_ranks")
+                # (generator states are CPU byte tensors; map_location may have moved them)
                 if world > 1 and rank_rngs is not None and len(rank_rngs) == world:
-                    torch.set_rng_state(rank_rngs[rank])
+                    torch.set_rng_state(rank_rngs[rank].cpu())
                 elif rank == 0:
-                    torch.set_rng_state(state["torch_rng"])
+                    torch.set_rng_state(state["torch_rng"].cpu())
                 else:
                     torch.manual_seed(_rank_seed(params.seed, rank, int(state["iteration"])))
                 for name, mod in (extra_modules or {}).items():
