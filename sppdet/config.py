@@ -100,6 +100,7 @@ class FinetuneConfig:
     init: str = "auto"               # fc6/fc7 start: imagenet (zf5 imagenet weights, pyramid [6]) | he | auto
     end_to_end: bool = False         # also train the conv layers through SPP (beyond the paper)
     conv_lr_mult: float = 0.1
+    fc8_init_std: float = 0.01       # the new classifier (fc8) starts from N(0, this^2) (the paper: 0.01)
 
 
 @dataclass
@@ -121,6 +122,8 @@ class SVMConfig:
     solver: str = "liblinear"        # liblinear (scikit-learn, CPU) | torch (same objective, GPU-capable)
     tol: float = 0.0001
     max_iter: int = 10000
+    neg_overlap_dedupe: float | None = None  # drop a negative overlapping a higher-scoring negative of the
+                                             # same image by IoU > this (the paper: 0.7; null or 0: off)
 
 
 @dataclass
@@ -471,6 +474,7 @@ def validate(cfg: Config) -> None:
     num("finetune.momentum", ft.momentum, lo=0, hi=1, hi_open=True)
     num("finetune.weight_decay", ft.weight_decay, lo=0)
     num("finetune.conv_lr_mult", ft.conv_lr_mult, lo=0)
+    num("finetune.fc8_init_std", ft.fc8_init_std, lo=0, lo_open=True)
     # ---- SVMs
     sv = cfg.svm
     if sv.solver not in ("liblinear", "torch"):
@@ -495,6 +499,8 @@ def validate(cfg: Config) -> None:
     num("svm.passes", sv.passes, lo=1)
     num("svm.tol", sv.tol, lo=0, lo_open=True)
     num("svm.max_iter", sv.max_iter, lo=1)
+    if sv.neg_overlap_dedupe is not None:
+        num("svm.neg_overlap_dedupe", sv.neg_overlap_dedupe, lo=0, hi=1, hi_open=True, what=" (0 or null: off)")
     # ---- box regression
     num("bbox_reg.min_iou", cfg.bbox_reg.min_iou, lo=0, hi=1, lo_open=True)
     num("bbox_reg.lam", cfg.bbox_reg.lam, lo=0)

@@ -162,3 +162,86 @@ def test_finetune_returns_its_curve_and_keeps_it_across_a_resume(tmp_path):
     assert resumed["resumed_from"] == 40
     assert resumed["curve"]["iteration"] == curve["iteration"]
     np.testing.assert_allclose(resumed["curve"]["loss"], curve["loss"], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The mini-batch draw (one process and W ranks) and the fc8 init
+
+
+def reference_one_process_batch(usable, params, rng):
+    """The one-process recipe as it was written before ranks existed: ``images_per_batch``
+    images out of all, then each image's windows and its coin for mirroring."""
+    from sppdet.train.finetune import sample_windows
+
+    per_image = max(1, params.batch_size // params.images_per_batch)
+    out = []
+    for j in rng.choice(len(usable), min(params.images_per_batch, len(usable)), replace=False):
+        w = usable[j]
+        idx, lab = sample_windows(w, per_image, params.fg_fraction, params.fg_iou, params.bg_iou_low,
+                                  params.bg_iou_high, rng)
+        if len(idx) == 0:
+            continue
+        out.append((w.index, idx, lab, bool(params.flip and rng.random() < 0.5)))
+    return out
+
+
+def test_draw_batch_with_one_share_is_the_one_process_recipe():
+    from sppdet.train.finetune import draw_batch
+
+    windows, _ = make_problem(n_images=7, seed=4)
+    p = params(1, flip=True)
+    for ipb in (1, 2, 3):
+        p.images_per_batch = ipb
+        a, b = np.random.default_rng(11), np.random.default_rng(11)
+        for it in range(6):
+            got, want = draw_batch([windows], it, p, a), reference_one_process_batch(windows, p, b)
+            assert [g[0] for g in got] == [w[0] for w in want]
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g[1], w[1])
+                np.testing.assert_array_equal(g[2], w[2])
+                assert g[3] == w[3]
+        assert a.bit_generator.state == b.bit_generator.state     # the same draws, nothing more
+
+
+@pytest.mark.parametrize("world, ipb", [(2, 2), (2, 4), (2, 3), (3, 2), (4, 1)])
+def test_draw_batch_over_ranks_gives_each_rank_its_share_of_the_global_batch(world, ipb):
+    from sppdet.train.finetune import draw_batch
+
+    windows, _ = make_problem(n_images=9, seed=5)
+    shares = [[w for w in windows if w.index % world == r] for r in range(world)]
+    p = params(1)
+    p.images_per_batch, p.batch_size = ipb, 12 * ipb
+    rng = np.random.default_rng(0)
+    taken = np.zeros(world, int)
+    for it in range(4 * world):
+        batch = draw_batch(shares, it, p, rng)
+        assert len(batch) == ipb                                          # the one-process batch size
+        assert sum(len(e[1]) for e in batch) == 12 * ipb
+        images = [e[0] for e in batch]
+        assert len(set(images)) == len(images)                            # without replacement
+        # slot j of iteration it belongs to rank (it * ipb + j) mod W: the reference, by counting
+        want = np.bincount([(it * ipb + j) % world for j in range(ipb)], minlength=world)
+        got = np.bincount([i % world for i in images], minlength=world)
+        np.testing.assert_array_equal(got, want)
+        assert images == sorted(images, key=lambda i: i % world)          # in rank order
+        taken += got
+    assert (taken == taken[0]).all()                                      # over W iterations: even
+
+
+def test_fc8_init_std():
+    from sppdet.train.finetune import init_fc_head
+
+    torch.manual_seed(0)
+    a = FCHead(64, [256], 20)
+    torch.manual_seed(1)
+    init_fc_head(a, "he", None, 0.01)                 # the head's own init: no extra draw
+    b = FCHead(64, [256], 20)
+    torch.manual_seed(1)
+    b.reset_parameters()
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    torch.manual_seed(2)
+    init_fc_head(a, "he", None, 0.05)
+    w = a.cls_score.weight.detach()
+    assert w.shape == (21, 256) and abs(float(w.std()) / 0.05 - 1) < 0.05 and abs(float(w.mean())) < 0.005
+    assert torch.count_nonzero(a.cls_score.bias) == 0

@@ -17,6 +17,7 @@ from sppdet.train.svm import (
     NO_POSITIVES_BIAS,
     HardNegativeMiner,
     LinearSVMs,
+    dedupe_negatives,
     SVMParams,
     WindowSet,
     check_svm_scores,
@@ -251,8 +252,41 @@ def make_images(seed: int, num_images: int = 20, K: int = 3, D: int = 10, n_prop
     return images
 
 
+def ref_iou(a, b) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes, continuous coordinates (0 when the union is empty)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def ref_dedupe(boxes, scores, t) -> list[int]:
+    """The paper's rule, slowly: best score first (ties: the earlier window), a window is dropped
+    when it overlaps a window kept before it by IoU > t."""
+    kept = []
+    for j in sorted(range(len(boxes)), key=lambda j: (-float(scores[j]), j)):
+        if all(ref_iou(boxes[j], boxes[m]) <= t for m in kept):
+            kept.append(j)
+    return sorted(kept)
+
+
+def add_boxes(images: list[WindowSet], seed: int) -> list[WindowSet]:
+    """The same images with window boxes: a few clusters of jittered boxes, so that many overlap."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for ws in images:
+        n = len(ws.features)
+        centres = rng.uniform(20, 180, size=(3, 2))[rng.integers(0, 3, n)] + rng.normal(0, 6, (n, 2))
+        half = rng.uniform(10, 30, size=(n, 2))
+        boxes = np.concatenate([centres - half, centres + half], axis=1).astype(np.float32)
+        out.append(WindowSet(ws.features, ws.gt_labels, ws.max_iou, boxes))
+    return out
+
+
 def reference_mining(images: list[WindowSet], K: int, p: SVMParams, scale: float):
-    """Slow, obvious R-CNN-style mining written independently of the library.
+    """Slow, obvious R-CNN-style mining written independently of the library (with the
+    paper's dedupe of overlapping negatives when ``p.neg_overlap_dedupe``).
 
     Returns the negative keys per class after every image, the retrain log and final (W, b).
     """
@@ -298,12 +332,16 @@ def reference_mining(images: list[WindowSet], K: int, p: SVMParams, scale: float
                 if not pos[k]:
                     continue
                 have = {key for key, _ in cache[k]}
-                for j in range(len(ws.features)):
-                    if ws.max_iou[j, k] < p.neg_iou and ws.gt_labels[j] != k and scores[j][k] > p.hard_threshold:
-                        key = i * KEY_STRIDE + j
-                        if key not in have:
-                            cache[k].append((key, ws.features[j] * np.float32(scale)))
-                            num_new[k] += 1
+                hard = [j for j in range(len(ws.features))
+                        if ws.max_iou[j, k] < p.neg_iou and ws.gt_labels[j] != k and scores[j][k] > p.hard_threshold]
+                if p.neg_overlap_dedupe:
+                    hard = [hard[m] for m in ref_dedupe([ws.boxes[j] for j in hard],
+                                                        [scores[j][k] for j in hard], p.neg_overlap_dedupe)]
+                for j in hard:
+                    key = i * KEY_STRIDE + j
+                    if key not in have:
+                        cache[k].append((key, ws.features[j] * np.float32(scale)))
+                        num_new[k] += 1
                 since[k] += 1
             for k in range(K):
                 if not pos[k] or num_new[k] == 0:
@@ -322,11 +360,15 @@ def reference_mining(images: list[WindowSet], K: int, p: SVMParams, scale: float
     return keys_after, log, W.copy(), b.copy()
 
 
-@pytest.mark.parametrize("retrain_images,retrain_limit,passes", [(5, 0, 1), (0, 25, 1), (3, 0, 2)])
-def test_mining_matches_slow_reference(retrain_images, retrain_limit, passes):
+@pytest.mark.parametrize("retrain_images,retrain_limit,passes,dedupe", [(5, 0, 1, None), (0, 25, 1, None),
+                                                                        (3, 0, 2, None), (5, 0, 1, 0.5)])
+def test_mining_matches_slow_reference(retrain_images, retrain_limit, passes, dedupe):
     K = 3
     images = make_images(7, num_images=20, K=K)
-    p = SVMParams(C=1e-3, retrain_images=retrain_images, retrain_limit=retrain_limit, passes=passes)
+    if dedupe:
+        images = add_boxes(images, 3)
+    p = SVMParams(C=1e-3, retrain_images=retrain_images, retrain_limit=retrain_limit, passes=passes,
+                  neg_overlap_dedupe=dedupe)
     scale = feature_scale(np.concatenate([ws.features for ws in images]), p.feature_norm)
     miner = HardNegativeMiner(K, p, scale, len(images))
     for ws in images:
@@ -354,6 +396,57 @@ def test_mining_matches_slow_reference(retrain_images, retrain_limit, passes):
     assert all(stats[str(k)]["retrains"] >= 3 for k in range(K))
     assert sum(stats[str(k)]["evicted"] for k in range(K)) > 0
     assert all(0 < stats[str(k)]["negatives"] < stats[str(k)]["added"] for k in range(K))
+
+
+def test_dedupe_negatives_matches_slow_reference():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(0, 40))
+        c = rng.uniform(0, 100, size=(n, 2)) if trial % 3 else np.tile(rng.uniform(0, 100, 2), (n, 1))
+        half = rng.uniform(3, 25, size=(n, 2))
+        boxes = np.concatenate([c - half, c + half], axis=1).astype(np.float32)
+        if n > 3:
+            boxes[1] = boxes[0]                                  # an exact duplicate
+        # ties: scores on a coarse grid (and all equal in some trials, as before a class has a model)
+        scores = np.round(rng.normal(size=n), 1).astype(np.float32) if trial % 4 else np.zeros(n, np.float32)
+        for t in (0.3, 0.5, 0.7):
+            got = dedupe_negatives(boxes, scores, t)
+            want = ref_dedupe(boxes.tolist(), scores.tolist(), t)
+            assert got.tolist() == want, (trial, t)
+            assert got.dtype == np.int64
+            for a in got:                                        # what is left overlaps by at most t
+                assert all(ref_iou(boxes[a], boxes[b]) <= t for b in got if b != a)
+    assert dedupe_negatives(np.zeros((0, 4)), np.zeros(0), 0.7).tolist() == []
+
+
+def test_dedupe_needs_boxes_and_thins_the_cache():
+    K = 3
+    images = add_boxes(make_images(12, num_images=8, K=K), 5)
+    caches = {}
+    for dedupe in (None, 0.7):
+        p = SVMParams(retrain_images=3, neg_overlap_dedupe=dedupe)
+        miner = HardNegativeMiner(K, p, 0.1, len(images))
+        for ws in images:
+            miner.add_positives(ws)
+        for i, ws in enumerate(images):
+            miner.mine_image(i, ws)
+        caches[dedupe] = [miner.states[k].added for k in range(K)]
+        if dedupe:                                               # no two same-image negatives overlap > 0.7
+            for k in range(K):
+                by_image: dict[int, list[int]] = {}
+                for key in miner.negatives(k)[1].tolist():
+                    by_image.setdefault(key // KEY_STRIDE, []).append(key % KEY_STRIDE)
+                for img, js in by_image.items():
+                    bx = images[img].boxes
+                    assert all(ref_iou(bx[a], bx[b]) <= 0.7 for a in js for b in js if a < b)
+    assert sum(caches[0.7]) < sum(caches[None])
+    bare = WindowSet(images[0].features, images[0].gt_labels, images[0].max_iou)
+    miner = HardNegativeMiner(K, SVMParams(neg_overlap_dedupe=0.7), 0.1, 1)
+    miner.add_positives(bare)
+    with pytest.raises(ValueError, match="neg_overlap_dedupe needs the windows' boxes"):
+        miner.mine_image(0, bare)
+    with pytest.raises(ValueError, match="neg_overlap_dedupe"):
+        SVMParams(neg_overlap_dedupe=1.0)
 
 
 def test_negatives_respect_neg_iou_and_hard_threshold():

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..boxes import box_iou, encode
+from ..errors import SppdetError
 from ..models.bbox_reg import BBoxRegressors
+from ..utils.progress import progress as _progress
 from .svm import feature_scale
 
 logger = logging.getLogger(__name__)
@@ -139,3 +142,78 @@ def train_bbox_regressors(features: np.ndarray, proposals: np.ndarray, targets: 
                     names[k], n, float(np.abs(Tk).mean()), float(np.abs(Tk - pred).mean()),
                     time.perf_counter() - t0)
     return BBoxRegressors(W, b, mean, std, scale)
+
+
+def train_bbox_regressors_on_windows(feature_fn: Callable, windows: Sequence, num_classes: int, *,
+                                     min_iou: float = 0.6, lam: float = 1000.0,
+                                     class_names: list[str] | None = None,
+                                     progress: bool = True) -> BBoxRegressors:
+    """The box-regression stage of ``sppdet train``: pairs of every training image, then one fit.
+
+    For each image, the proposals (windows that are not ground-truth boxes) with
+    IoU >= ``min_iou`` to a ground-truth box (:func:`select_regression_pairs`) and their
+    raw pooled features; then :func:`train_bbox_regressors` on all of them, in image order.
+
+    Several processes (a ``torch.distributed`` group): image ``i`` belongs to rank
+    ``i mod W`` (:func:`sppdet.utils.dist.shard`), which computes its pairs' features;
+    rank 0 gathers them (positives only: the training set one process holds), fits once and
+    broadcasts the regressors, so every rank returns the one-process result.
+
+    Args:
+        feature_fn: ``(image_index, window_indices, flip) -> Tensor[n, D]`` raw pooled features.
+        windows: :class:`~sppdet.train.windows.ImageWindows` of every training image (``.index``
+            is the image index ``feature_fn`` takes).
+        num_classes: K.
+        min_iou, lam: as :func:`select_regression_pairs` / :func:`train_bbox_regressors`.
+        class_names: for log messages.
+        progress: show a progress bar.
+
+    Raises:
+        SppdetError: no proposal of any image reaches ``min_iou`` (on every rank).
+    """
+    from ..utils import dist
+    from ..utils.dist import DistributedError
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    err: BaseException | None = None
+    mine: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    try:
+        for w in _progress(dist.shard(list(windows)), desc="bbox-reg features", unit="img",
+                           disable=None if progress else True):
+            is_prop = np.flatnonzero(w.gt_labels < 0)
+            idx, tb, lab = select_regression_pairs(w.boxes[is_prop], w.record.boxes, w.record.labels, min_iou)
+            if len(idx) == 0:
+                continue
+            win = is_prop[idx]
+            x = feature_fn(w.index, win, False)
+            x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+            mine.append((int(w.index), x.astype(np.float32), w.boxes[win], tb, lab))
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+        err = e
+    dist.raise_if_any(err)
+    parts = dist.gather_object(mine)
+    del mine
+    result = None
+    if rank == 0:
+        try:
+            assert parts is not None
+            pairs = sorted((p for part in parts for p in part), key=lambda t: t[0])
+            if not pairs:
+                raise SppdetError("box regression: no proposal overlaps a ground-truth box by "
+                                  f"IoU >= {min_iou}; disable bbox_reg or check the proposals")
+            reg = train_bbox_regressors(np.concatenate([p[1] for p in pairs]), np.concatenate([p[2] for p in pairs]),
+                                        np.concatenate([p[3] for p in pairs]), np.concatenate([p[4] for p in pairs]),
+                                        num_classes, lam=lam, class_names=class_names)
+            result = ("ok", reg.state_dict() if world > 1 else reg)
+        except Exception as e:  # noqa: BLE001
+            err = e
+            result = ("failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    del parts
+    if world > 1:
+        result = dist.broadcast_object(result)
+    assert result is not None
+    if result[0] == "failed":
+        if err is not None:
+            raise err
+        raise DistributedError(f"rank 0 of {world} failed: {result[1]}")
+    return result[1] if world == 1 else BBoxRegressors.from_state_dict(result[1])

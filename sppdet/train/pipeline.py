@@ -6,6 +6,10 @@ whose output exists with the same key is skipped, so a killed run resumes.
 Inside a stage, proposals and conv5 maps are cached per image, and
 fine-tuning saves a snapshot periodically and on Ctrl-C.
 
+Under torchrun (a process group) every rank runs the pipeline; the learned stages split their
+work over the ranks (docs/DISTRIBUTED.md) and end with the same result on every rank, and rank 0
+alone writes the run folder.
+
 Files in RUN: ``config.yaml`` (the resolved config of ``model.pt``, written with it), ``train.log``,
 ``timings.json`` (seconds per stage), ``finetune_log.json`` (the fine-tuning
 loss/accuracy curve), ``stages/*.pt`` and ``model.pt`` (the checkpoint, DESIGN §3).
@@ -31,13 +35,14 @@ from ..errors import SppdetError
 from ..features import WindowFeatures
 from ..models.detector import SPPDetector
 from ..models.heads import FCHead, fc7_features
+from ..utils import dist
 from ..utils.device import resolve_device
 from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
 from ..utils.log import add_log_file
 from ..utils.progress import progress
 from ..models.bbox_reg import BBoxRegressors
 from ..models.svm import LinearSVMs
-from .bbox_reg import select_regression_pairs, train_bbox_regressors
+from .bbox_reg import train_bbox_regressors_on_windows
 from .finetune import FinetuneParams, finetune, init_fc_head, resolve_fc_init
 from .svm import SVMParams, WindowSet, feature_scale, train_svms
 from .windows import ImageWindows, build_windows
@@ -45,6 +50,17 @@ from .windows import ImageWindows, build_windows
 log = logging.getLogger(__name__)
 
 STAGES = ("proposals", "features", "finetune", "svm", "bbox_reg")
+
+#: Settings added after runs were made, left out of the stage keys while they have the value
+#: that trains as before (so that those runs' stages stay valid).
+_KEY_NEUTRAL = {"fc8_init_std": (0.01,), "neg_overlap_dedupe": (None, 0.0)}
+
+
+def section_key(section) -> dict:
+    """A config section as it enters a stage key (:data:`_KEY_NEUTRAL` settings at their old
+    behaviour left out)."""
+    d = dataclasses.asdict(section)
+    return {k: v for k, v in d.items() if not (k in _KEY_NEUTRAL and v in _KEY_NEUTRAL[k])}
 
 
 def features_key(cfg: Config, backbone) -> str:
@@ -96,13 +112,37 @@ class Pipeline:
         self.timings[name] = {"seconds": round(dt, 3), "reused": reused,
                               "total_seconds": round(prev.get("total_seconds", 0.0) + dt, 3)}
         log.info("stage %-9s %s in %.1f s", name, "reused" if reused else "done", dt)
-        atomic_write_json(self.run_dir / "timings.json", self.timings)
+        if dist.is_main():
+            atomic_write_json(self.run_dir / "timings.json", self.timings)
         return out
 
     def _window_features(self, extractor, train_set: Dataset, windows: list[ImageWindows]) -> WindowFeatures:
+        # several ranks on a node share its features.pooled_memory_gb; each keeps its own images only
         return WindowFeatures(extractor, train_set, windows, self.cache_dir,
                               features_key=features_key(self.cfg, extractor.backbone),
-                              pooled_memory_gb=self.cfg.features.pooled_memory_gb, show_progress=self.show_progress)
+                              pooled_memory_gb=self.cfg.features.pooled_memory_gb / dist.get_local_world_size(),
+                              show_progress=self.show_progress)
+
+    def _warm(self, feats: WindowFeatures, flips: tuple[bool, ...]) -> None:
+        """Pool the training windows into RAM (within the budget) before fine-tuning; with
+        several ranks, only this rank's images (the ones its stages ask for)."""
+        if dist.get_world_size() == 1:
+            feats.warm(flips)
+            return
+        if feats.pooled_budget <= 0:
+            return
+        t0 = time.perf_counter()
+        items = [(i, f) for f in flips for i in dist.shard(range(len(feats.windows))) if len(feats.windows[i])]
+        kept = 0
+        for i, f in progress(items, desc="pooling windows", unit="img", disable=None if self.show_progress else True):
+            before = feats.pooled_bytes
+            feats(i, np.zeros(1, np.int64), f)   # pools all of image i's windows when they fit
+            if feats.pooled_bytes == before:     # over the budget: the rest are pooled per batch
+                break
+            kept += 1
+        log.info("SPP features of %d of this rank's %d image views pooled into RAM: %.2f GiB (budget %.2f GiB), "
+                 "%.1f s", kept, len(items), feats.pooled_bytes / 2 ** 30, feats.pooled_budget / 2 ** 30,
+                 time.perf_counter() - t0)
 
     def _stage_file(self, name: str) -> Path:
         return self.stage_dir / f"{name}.pt"
@@ -122,7 +162,20 @@ class Pipeline:
         return data
 
     def _save_stage(self, name: str, key: str, payload: dict) -> None:
-        atomic_torch_save(self._stage_file(name), {"key": key, **payload})
+        if dist.is_main():   # several ranks hold the same result: rank 0 writes it
+            atomic_torch_save(self._stage_file(name), {"key": key, **payload})
+
+    def _load_stage_all(self, name: str, key: str) -> dict | None:
+        """:meth:`_load_stage` on every rank, which must agree on whether the stage is done."""
+        data = self._load_stage(name, key)
+        if dist.get_world_size() > 1:
+            found = dist.all_gather_object(data is not None)
+            if len(set(found)) > 1:
+                raise dist.DistributedError(
+                    f"{self._stage_file(name)}: only ranks {[r for r, f in enumerate(found) if f]} of "
+                    f"{len(found)} find this stage's output; the run folder (--out) must be on a "
+                    "filesystem shared by every node")
+        return data
 
     # ------------------------------------------------------------------- run
     def run(self) -> Path:
@@ -200,8 +253,8 @@ class Pipeline:
                 feat_key = stable_hash([features_key(cfg, backbone), data_key])
 
         # ---- SVMs
-        svm_key = stable_hash([feat_key, ft_key, dataclasses.asdict(cfg.svm), cfg.seed])
-        svm_state = self._load_stage("svm", svm_key)
+        svm_key = stable_hash([feat_key, ft_key, section_key(cfg.svm), cfg.seed])
+        svm_state = self._load_stage_all("svm", svm_key)
         if svm_state is None:
             svms, svm_stats = self._timed("svm", lambda: self._train_svms(cfg, feats, windows, head, K, classes))
             self._save_stage("svm", svm_key, {"svm": svms.state_dict(), "stats": svm_stats})
@@ -213,7 +266,7 @@ class Pipeline:
         reg_state = None
         if cfg.bbox_reg.enabled:
             reg_key = stable_hash([feat_key, dataclasses.asdict(cfg.bbox_reg)])
-            reg_state = self._load_stage("bbox_reg", reg_key)
+            reg_state = self._load_stage_all("bbox_reg", reg_key)
             if reg_state is None:
                 reg = self._timed("bbox_reg", lambda: self._train_bbox_reg(cfg, feats, windows, K, classes))
                 reg_state = {"bbox_reg": reg.state_dict()}
@@ -231,11 +284,19 @@ class Pipeline:
             stats={"timings": self.timings, "train_images": len(train_recs), "train_objects": n_obj})
         if self.finetune_stats is not None:
             model.stats["finetune"] = self.finetune_stats
-        ckpt = save_detector(self.run_dir / "model.pt", model, cfg)
-        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        ckpt = self.run_dir / "model.pt"
+        err: BaseException | None = None
+        if dist.is_main():   # every rank holds the same detector; rank 0 writes it
+            try:
+                ckpt = save_detector(ckpt, model, cfg)
+                atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
+                err = e
         self.timings["total_seconds_this_run"] = round(time.perf_counter() - t_all, 3)
-        atomic_write_json(self.run_dir / "timings.json", self.timings)
-        log.info("checkpoint written to %s", ckpt)
+        if dist.is_main() and err is None:
+            atomic_write_json(self.run_dir / "timings.json", self.timings)
+            log.info("checkpoint written to %s", ckpt)
+        dist.raise_if_any(err)   # also the point after which the checkpoint exists for every rank
         return ckpt
 
     # ---------------------------------------------------------------- stages
@@ -245,8 +306,8 @@ class Pipeline:
         head = FCHead(extractor.feature_dim, ft.fc_dims, K, ft.dropout)
         fc_init = resolve_fc_init(ft.init, backbone, extractor.feature_dim, cfg.features.pyramid,
                                   cfg.features.context, ft.fc_dims)
-        key = stable_hash([feat_key, dataclasses.asdict(ft), iters, cfg.features.flip, cfg.seed, fc_init])
-        state = self._load_stage("finetune", key)
+        key = stable_hash([feat_key, section_key(ft), iters, cfg.features.flip, cfg.seed, fc_init])
+        state = self._load_stage_all("finetune", key)
         if state is not None:
             head.load_state_dict(state["head"])
             if ft.end_to_end:
@@ -257,7 +318,7 @@ class Pipeline:
             return head.to(self.device).eval(), key
         params = build.params(FinetuneParams, ft, iterations=iters, flip=cfg.features.flip, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
-        init_fc_head(head, fc_init, backbone)
+        init_fc_head(head, fc_init, backbone, ft.fc8_init_std)
         extra_modules, extra_groups = None, None
         feature_fn = feats
         if ft.end_to_end:
@@ -269,12 +330,14 @@ class Pipeline:
             extra_modules = {"backbone": backbone}
             extra_groups = [{"params": [p for p in backbone.parameters() if p.requires_grad],
                              "lr": ft.lr * ft.conv_lr_mult}]
-        log.info("fine-tuning %s on %d images: %d iterations of %d windows", "conv+fc" if ft.end_to_end else "fc",
-                 len(windows), iters, ft.batch_size)
+        log.info("fine-tuning %s on %d images: %d iterations of %d windows%s", "conv+fc" if ft.end_to_end else "fc",
+                 len(windows), iters, ft.batch_size,
+                 f" (each of {dist.get_world_size()} ranks computes its images' share)"
+                 if dist.get_world_size() > 1 else "")
 
         def run() -> dict:
             if not ft.end_to_end:
-                feats.warm((False, True) if cfg.features.flip else (False,))
+                self._warm(feats, (False, True) if cfg.features.flip else (False,))
             return finetune(head, feature_fn, windows, params, device=self.device,
                             snapshot=self.stage_dir / "finetune.snapshot.pt", key=key,
                             extra_modules=extra_modules, extra_param_groups=extra_groups,
@@ -288,7 +351,8 @@ class Pipeline:
             payload["backbone"] = backbone.state_dict()
             payload["backbone_weights_id"] = backbone.weights_id
         self._save_stage("finetune", key, payload)
-        (self.stage_dir / "finetune.snapshot.pt").unlink(missing_ok=True)
+        if dist.is_main():
+            (self.stage_dir / "finetune.snapshot.pt").unlink(missing_ok=True)
         log.info("fine-tuning: loss %.4f, batch accuracy %.3f, %.1f s", stats["loss"], stats["accuracy"],
                  stats["seconds"])
         self._record_finetune(stats)
@@ -298,9 +362,10 @@ class Pipeline:
         """Keep the fine-tuning statistics (and curve) for the checkpoint and ``RUN/finetune_log.json``."""
         if not stats:
             return
-        self.finetune_stats = {k: stats[k] for k in ("iterations", "loss", "accuracy", "seconds", "curve")
+        self.finetune_stats = {k: stats[k] for k in ("iterations", "loss", "accuracy", "seconds", "ranks", "curve")
                                if k in stats}
-        atomic_write_json(self.run_dir / "finetune_log.json", self.finetune_stats)
+        if dist.is_main():
+            atomic_write_json(self.run_dir / "finetune_log.json", self.finetune_stats)
 
     def _live_feature_fn(self, extractor, windows):
         from ..data.images import load_image
@@ -326,7 +391,8 @@ class Pipeline:
 
         def get_windows(i: int) -> WindowSet:
             w = windows[i]
-            return WindowSet(features=features(i, np.arange(len(w))), gt_labels=w.gt_labels, max_iou=w.iou)
+            return WindowSet(features=features(i, np.arange(len(w))), gt_labels=w.gt_labels, max_iou=w.iou,
+                             boxes=w.boxes)
 
         def get_positives(i: int) -> WindowSet:
             w = windows[i]
@@ -334,12 +400,27 @@ class Pipeline:
             return WindowSet(features=features(i, gt), gt_labels=w.gt_labels[gt], max_iou=w.iou[gt])
 
         # the feature-norm statistic over all kinds of windows, from a seeded sample of images
+        # (several ranks: the same draws; each computes its images' rows, rank 0 the statistic)
         rng = np.random.default_rng(cfg.seed)
-        sample = []
+        plan = []
         for i in rng.choice(len(windows), min(len(windows), 32), replace=False):
             n = len(windows[i])
-            sample.append(features(int(i), np.sort(rng.choice(n, min(n, 64), replace=False))))
-        scale = feature_scale(np.concatenate(sample), cfg.svm.feature_norm)
+            plan.append((int(i), np.sort(rng.choice(n, min(n, 64), replace=False))))
+        world, rank = dist.get_world_size(), dist.get_rank()
+        err = None
+        mine = []
+        try:
+            mine = [(j, features(i, idx)) for j, (i, idx) in enumerate(plan) if i % world == rank]
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+            err = e
+        dist.raise_if_any(err)
+        parts = dist.gather_object(mine)
+        scale = None
+        if dist.is_main():
+            rows = [x for _, x in sorted((p for part in parts for p in part), key=lambda t: t[0])]
+            scale = feature_scale(np.concatenate(rows), cfg.svm.feature_norm)
+        del parts, mine
+        scale = dist.broadcast_object(scale)
 
         params = build.params(SVMParams, cfg.svm, device=cfg.device, seed=cfg.seed)
         return train_svms(get_windows, len(windows), K, params, class_names=classes,
@@ -347,24 +428,8 @@ class Pipeline:
 
     @torch.no_grad()
     def _train_bbox_reg(self, cfg, feats, windows, K, classes):
-        xs, props, targets, labels = [], [], [], []
-        for w in progress(windows, desc="bbox-reg features", unit="img",
-                          disable=None if self.show_progress else True):
-            is_prop = np.flatnonzero(w.gt_labels < 0)
-            gt = w.record.boxes
-            idx, tb, lab = select_regression_pairs(w.boxes[is_prop], gt, w.record.labels, cfg.bbox_reg.min_iou)
-            if len(idx) == 0:
-                continue
-            win = is_prop[idx]
-            xs.append(feats(w.index, win, False).cpu().numpy().astype(np.float32))
-            props.append(w.boxes[win])
-            targets.append(tb)
-            labels.append(lab)
-        if not xs:
-            raise SppdetError("box regression: no proposal overlaps a ground-truth box by "
-                              f"IoU >= {cfg.bbox_reg.min_iou}; disable bbox_reg or check the proposals")
-        return train_bbox_regressors(np.concatenate(xs), np.concatenate(props), np.concatenate(targets),
-                                     np.concatenate(labels), K, lam=cfg.bbox_reg.lam, class_names=classes)
+        return train_bbox_regressors_on_windows(feats, windows, K, min_iou=cfg.bbox_reg.min_iou, lam=cfg.bbox_reg.lam,
+                                                class_names=classes, progress=self.show_progress)
 
 
 def train(cfg: Config, run_dir: str | Path, *, data_root: str | None = None, show_progress: bool = True) -> Path:

@@ -84,6 +84,10 @@ class SVMParams(SVMConfig):
         tol: solver tolerance (liblinear: projected-gradient tolerance; torch: relative
             duality gap).
         solver: "liblinear" (scikit-learn LinearSVC, CPU) or "torch" (same objective).
+        neg_overlap_dedupe: the TPAMI paper's rule (0.7 there); None or 0: off.  Among the
+            hard negatives one image gives a class, a window overlapping (IoU > this) a
+            higher-scoring one is dropped (see :func:`dedupe_negatives`); needs
+            ``WindowSet.boxes``.
         device: torch device for the torch solver ("auto", "cpu", "cuda", ...).
         seed: random state (liblinear's coordinate order, subsampling).
     """
@@ -103,6 +107,9 @@ class SVMParams(SVMConfig):
             raise ValueError(f"SVMParams.solver: expected 'liblinear' or 'torch', got {self.solver!r}")
         if self.passes < 1 or self.retrain_images < 0 or self.retrain_limit < 0 or self.max_negatives_first < 0:
             raise ValueError("SVMParams: passes >= 1; retrain_images, retrain_limit, max_negatives_first >= 0")
+        if self.neg_overlap_dedupe is not None and not 0 <= self.neg_overlap_dedupe < 1:
+            raise ValueError(f"SVMParams.neg_overlap_dedupe: expected None or a value in [0, 1), "
+                             f"got {self.neg_overlap_dedupe}")
 
 
 @dataclass
@@ -115,11 +122,14 @@ class WindowSet:
         gt_labels (ndarray[N] int64): class index if the window is a ground-truth box, else -1.
         max_iou (ndarray[N, K] float32): max IoU of each window with the ground-truth boxes
             of each class (0 where the image has none of that class).
+        boxes (ndarray[N, 4] float32 or None): the windows ``(x1, y1, x2, y2)`` (any pixel
+            frame); needed only for ``neg_overlap_dedupe``.
     """
 
     features: np.ndarray
     gt_labels: np.ndarray
     max_iou: np.ndarray
+    boxes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -130,6 +140,10 @@ class WindowSet:
         self.max_iou = np.asarray(self.max_iou, dtype=np.float32)
         if self.max_iou.ndim != 2 or len(self.max_iou) != n:
             raise ValueError(f"WindowSet.max_iou: expected [{n}, K], got shape {self.max_iou.shape}")
+        if self.boxes is not None:
+            self.boxes = np.asarray(self.boxes, dtype=np.float32)
+            if self.boxes.shape != (n, 4):
+                raise ValueError(f"WindowSet.boxes: expected [{n}, 4], got shape {self.boxes.shape}")
 
 
 def feature_scale(sample: np.ndarray, target_norm: float = 20.0) -> float:
@@ -330,6 +344,51 @@ def check_svm_scores(svms: LinearSVMs, k: int, raw_features: np.ndarray, referen
 # Hard-negative mining
 
 
+def dedupe_negatives(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """The TPAMI paper's rule for SVM negatives: drop a negative that overlaps another one by
+    more than ``iou`` (greedy non-maximum suppression, ``torchvision.ops.nms``).
+
+    Windows are taken in order of decreasing score, ties in the given order (the first one
+    first, so that with equal scores -- a class without a model yet -- the earlier window
+    wins); a window is dropped when its IoU with a window kept before it is ``> iou``.
+
+    Args:
+        boxes (ndarray[N, 4]): ``(x1, y1, x2, y2)`` negatives of one image (continuous pixels).
+        scores (ndarray[N]): their scores by the current model.
+        iou: the overlap above which the lower-ranked window is dropped (the paper: 0.7).
+
+    Returns:
+        ndarray[M] int64: positions (into ``boxes``) of the kept windows, increasing.
+    """
+    import torchvision
+
+    n = len(boxes)
+    if n <= 1:
+        return np.arange(n, dtype=np.int64)
+    order = np.lexsort((np.arange(n), -np.asarray(scores, dtype=np.float64).reshape(n)))
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(n, 4)[order])
+    rank_scores = torch.arange(n, 0, -1, dtype=torch.float64)   # strictly decreasing along ``order``
+    keep = torchvision.ops.nms(b, rank_scores, float(iou)).numpy()
+    return np.sort(order[keep]).astype(np.int64)
+
+
+@dataclass
+class HardSet:
+    """The hard negatives one image gives every class (:meth:`HardNegativeMiner.select_hard`).
+
+    Attributes:
+        image: the image index.
+        rows (ndarray[U] int64): window indices hard for at least one class, increasing.
+        x (ndarray[U, D] float32): their scaled features.
+        members (list of K ndarray[int64]): per class, positions into ``rows`` (in window order).
+    """
+
+    image: int
+    rows: np.ndarray
+    x: np.ndarray
+    members: list
+
+
 @dataclass
 class _ClassState:
     """Per-class mining state: positives, the negative cache, counters."""
@@ -362,7 +421,8 @@ class HardNegativeMiner:
     1. candidates: windows with ``max_iou[:, k] < neg_iou`` and not a ground-truth box of
        class ``k``; hard: candidates the current model of ``k`` scores ``> hard_threshold``
        (a class without a model scores 0, so all its candidates are hard; capped at
-       ``max_negatives_first`` by a seeded random subset); keys already cached are skipped;
+       ``max_negatives_first`` by a seeded random subset; with ``neg_overlap_dedupe``,
+       first thinned by :func:`dedupe_negatives`); keys already cached are skipped;
        the rest are appended to the cache (in window order).
     2. the class is retrained when it has new negatives and (it has no model yet, or
        ``retrain_images`` images were mined since its last retrain, or it has more than
@@ -390,6 +450,8 @@ class HardNegativeMiner:
         self.b = np.zeros(self.K, dtype=np.float32)
         self.dim: int | None = None
         self.events: list[tuple[int, int, str, int]] = []   # (image, class, "retrain"|"evict", count)
+        self.has_pos = np.zeros(self.K, dtype=bool)          # classes with at least one positive
+        self._changed: set[int] = set()                      # classes retrained since take_model_changes
 
     # -- positives ---------------------------------------------------------
     def _ensure_dim(self, d: int) -> None:
@@ -407,6 +469,7 @@ class HardNegativeMiner:
                 raise ValueError(f"gt label {k} out of range for {self.K} classes")
             x = windows.features[windows.gt_labels == k] * np.float32(self.scale)
             self.states[int(k)].pos.append(x.astype(np.float32, copy=False))
+            self.has_pos[int(k)] = True
 
     def num_positives(self, k: int) -> int:
         return int(sum(len(p) for p in self.states[k].pos))
@@ -431,40 +494,97 @@ class HardNegativeMiner:
 
     # -- mining ----------------------------------------------------------------
     def mine_image(self, image: int, windows: WindowSet) -> None:
-        """Mine hard negatives of one image for every class, then retrain classes as due."""
+        """Mine hard negatives of one image for every class, then retrain classes as due.
+
+        The same as :meth:`select_hard`, then :meth:`add_hard`, then :meth:`retrain_due`
+        (the three steps are separate so that several processes can share the work:
+        :func:`train_svms` under torchrun selects on the rank that holds the image's
+        features and adds and retrains on rank 0).
+        """
+        self.add_hard(self.select_hard(image, windows))
+        self.retrain_due(image)
+
+    def select_hard(self, image: int, windows: WindowSet) -> HardSet:
+        """Step 1 of :meth:`mine_image`: the hard negatives of one image for every class with
+        positives, by the current models (``W``, ``b``, which classes are trained), before the
+        check against the cache.  Reads the models only; changes nothing."""
         p = self.params
         self._ensure_dim(windows.features.shape[1])
         if windows.max_iou.shape[1] != self.K:
             raise ValueError(f"image {image}: max_iou has {windows.max_iou.shape[1]} classes, expected {self.K}")
+        dedupe = float(p.neg_overlap_dedupe or 0.0)
+        if dedupe and windows.boxes is None:
+            raise ValueError(f"image {image}: svm.neg_overlap_dedupe needs the windows' boxes (WindowSet.boxes)")
         x = (windows.features * np.float32(self.scale)).astype(np.float32, copy=False)
         scores = x @ self.W + self.b                       # [N, K] current models
+        per_class: list[np.ndarray] = []
         for k, st in enumerate(self.states):
-            if not st.pos:
+            if not self.has_pos[k]:
+                per_class.append(np.zeros(0, np.int64))
                 continue
             cand = (windows.max_iou[:, k] < p.neg_iou) & (windows.gt_labels != k)
             hard = np.flatnonzero(cand & (scores[:, k] > p.hard_threshold))
+            if dedupe and len(hard) > 1:
+                hard = hard[dedupe_negatives(windows.boxes[hard], scores[hard, k], dedupe)]
             if not st.trained and p.max_negatives_first and len(hard) > p.max_negatives_first:
                 rng = np.random.default_rng([p.seed, image, k])
                 hard = np.sort(rng.choice(hard, size=p.max_negatives_first, replace=False))
-            keys = image * KEY_STRIDE + hard.astype(np.int64)
+            per_class.append(hard.astype(np.int64))
+        rows = np.unique(np.concatenate(per_class)) if per_class else np.zeros(0, np.int64)
+        members = [np.searchsorted(rows, h).astype(np.int64) for h in per_class]
+        return HardSet(int(image), rows, x[rows], members)
+
+    def add_hard(self, hard: HardSet) -> None:
+        """Step 2 of :meth:`mine_image`: add an image's hard negatives that are not cached yet."""
+        image = hard.image
+        for k, st in enumerate(self.states):
+            if not self.has_pos[k]:
+                continue
+            m = hard.members[k]
+            keys = image * KEY_STRIDE + hard.rows[m].astype(np.int64)
             if st.key_set:
                 fresh = np.fromiter((kk not in st.key_set for kk in keys.tolist()), bool, len(keys))
-                hard, keys = hard[fresh], keys[fresh]
-            if len(hard):
-                st.new_x.append(x[hard])
+                m, keys = m[fresh], keys[fresh]
+            if len(m):
+                st.new_x.append(hard.x[m])
                 st.new_keys.append(keys)
                 st.key_set.update(keys.tolist())
-                st.num_new += len(hard)
-                st.added += len(hard)
+                st.num_new += len(m)
+                st.added += len(m)
             st.images_since += 1
+
+    def retrain_due(self, image: int) -> None:
+        """Step 3 of :meth:`mine_image`: retrain (and evict from) the classes that are due."""
+        p = self.params
         for k, st in enumerate(self.states):
-            if not st.pos or st.num_new == 0:
+            if not self.has_pos[k] or st.num_new == 0:
                 continue
             due = (not st.trained or st.images_since >= self.retrain_images
                    or (p.retrain_limit and st.num_new > p.retrain_limit))
             if due:
                 self._retrain(k, image)
                 self._evict(k, image)
+
+    # -- the models, shared between processes ------------------------------------
+    def take_model_changes(self) -> dict | None:
+        """The classes retrained since the last call: ``{"classes": [k...], "W": [D, n], "b": [n],
+        "trained": bool[K]}``, or ``None`` when none was (for :meth:`apply_model_changes`)."""
+        if not self._changed:
+            return None
+        ks = sorted(self._changed)
+        self._changed.clear()
+        return {"classes": ks, "W": self.W[:, ks].copy(), "b": self.b[ks].copy(),
+                "trained": np.array([st.trained for st in self.states])}
+
+    def apply_model_changes(self, changes: dict | None) -> None:
+        """Make this miner's models those of the miner that produced ``changes``."""
+        if changes is None:
+            return
+        ks = list(changes["classes"])
+        self.W[:, ks] = changes["W"]
+        self.b[ks] = changes["b"]
+        for st, t in zip(self.states, changes["trained"]):
+            st.trained = bool(t)
 
     def _retrain(self, k: int, image: int = -1) -> Callable[[np.ndarray], np.ndarray] | None:
         st = self.states[k]
@@ -481,6 +601,7 @@ class HardNegativeMiner:
         w, b, decision = fit_svm(X, y, self.params)
         self.W[:, k] = w.astype(np.float32)
         self.b[k] = np.float32(b)
+        self._changed.add(k)
         st.objective, st.hinge = svm_objective(X, y, w, b, self.params)
         st.trained = True
         st.retrains += 1
@@ -568,9 +689,24 @@ def train_svms(get_windows: Callable[[int], WindowSet], num_images: int, num_cla
         ``{"positives", "negatives" (final cache), "added", "evicted", "retrains",
         "objective", "hinge_loss", "time_s"}`` plus ``stats["_total"]`` (scale, time, calls).
 
+    Several processes (a ``torch.distributed`` group, e.g. under torchrun): image ``i``
+    belongs to rank ``i mod W`` (:func:`sppdet.utils.dist.shard`); ``get_windows`` and
+    ``get_positives`` are called on that rank only, so each rank computes the features of
+    its own images.  Rank 0 holds the positives and the negative caches and trains; the
+    images are mined in the one-process order, each on its rank with the models rank 0 has
+    at that point (every retrain is broadcast at once), so the SVMs are the one-process
+    ones (up to float rounding of the features; see :func:`_train_svms_ranked`).  Every
+    rank returns the same ``(svms, stats)``.
+
     Raises:
         RuntimeError: the self-check (scores from the exported weights vs the solver's) failed.
     """
+    from ..utils import dist
+
+    if dist.get_world_size() > 1:
+        return _train_svms_ranked(get_windows, num_images, num_classes, params, class_names=class_names,
+                                  progress=progress, get_positives=get_positives, scale=scale,
+                                  scale_sample_per_image=scale_sample_per_image)
     t0 = time.perf_counter()
     rng = np.random.default_rng(params.seed)
     pos_fn = get_positives or get_windows
@@ -602,3 +738,186 @@ def train_svms(get_windows: Callable[[int], WindowSet], num_images: int, num_cla
     stats["_total"] = {"scale": scale, "time_s": round(time.perf_counter() - t0, 3),
                        "retrain_images": miner.retrain_images, "solver": params.solver}
     return svms, stats
+
+
+# ---------------------------------------------------------------------------
+# Several processes
+
+
+@dataclass
+class _Failed:
+    """What a rank sends instead of its result when it failed (the first line of its error)."""
+
+    message: str
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _p2p_device() -> torch.device | None:
+    """Where point-to-point object transfers stage their bytes: this rank's GPU for nccl."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _send_object(obj, dst: int) -> None:
+    torch.distributed.send_object_list([obj], dst=dst, device=_p2p_device())
+
+
+def _recv_object(src: int):
+    box = [None]
+    torch.distributed.recv_object_list(box, src=src, device=_p2p_device())
+    return box[0]
+
+
+def _train_svms_ranked(get_windows: Callable[[int], WindowSet], num_images: int, num_classes: int,
+                       params: SVMParams, *, class_names: Sequence[str] | None, progress: bool,
+                       get_positives: Callable[[int], WindowSet] | None, scale: float | None,
+                       scale_sample_per_image: int) -> tuple[LinearSVMs, dict]:
+    """:func:`train_svms` on every rank of a process group.
+
+    1. Positives: each rank reads the ground-truth windows of its images (``i mod W == rank``);
+       rank 0 gathers them (positives only) and adds them in image order.  With ``scale=None``
+       the scale sample of image ``i`` is drawn with its own generator ``(seed, i)`` (one
+       process draws the samples from one generator in sequence, so that statistic, and only
+       it, differs slightly; the pipeline always passes ``scale``).
+    2. Mining, in steps of W consecutive images: every rank computes the WindowSet of its
+       image of the step (the expensive part, in parallel); then, image by image in order,
+       the owning rank selects the hard negatives with the current models
+       (:meth:`HardNegativeMiner.select_hard`), sends them to rank 0, which adds them and
+       retrains what is due (as one process does after that image), and broadcasts the
+       retrained classes to every rank before the next image is selected.  So every image is
+       mined with exactly the models one process would use for it.
+    3. Rank 0 finishes (final retrain, self-check) and broadcasts the SVMs and stats.
+
+    Memory: rank 0 holds what one process holds (positives and the bounded caches) plus one
+    image's hard negatives in transit; every other rank one image's WindowSet -- neither grows
+    with W.  Errors: a failing rank's first error line reaches every rank, which all raise.
+    """
+    from ..utils import dist
+    from ..utils.dist import DistributedError
+
+    t0 = time.perf_counter()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pos_fn = get_positives or get_windows
+    mine = dist.shard(range(num_images))
+    show = None if progress else True
+
+    # ---- 1. positives (and the scale sample)
+    err: BaseException | None = None
+    pos_sets: list[tuple[int, WindowSet]] = []
+    sample: list[tuple[int, np.ndarray]] = []
+    try:
+        for i in _progress(mine, desc="SVM positives", total=len(mine), unit="img", disable=show):
+            ws = pos_fn(i)
+            keep = ws.gt_labels >= 0
+            pos_sets.append((i, WindowSet(ws.features[keep], ws.gt_labels[keep], ws.max_iou[keep])))
+            if scale is None and len(ws.features):
+                rng = np.random.default_rng([params.seed, i])
+                m = min(scale_sample_per_image, len(ws.features))
+                sample.append((i, ws.features[np.sort(rng.choice(len(ws.features), m, replace=False))]))
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+        err = e
+    dist.raise_if_any(err)
+    parts = dist.gather_object((pos_sets, sample))
+    del pos_sets, sample
+    miner: HardNegativeMiner | None = None
+    setup = None
+    if rank == 0:
+        try:
+            assert parts is not None
+            positives = sorted((p for ps, _ in parts for p in ps), key=lambda t: t[0])
+            if scale is None:
+                smp = [x for _, x in sorted((q for _, ss in parts for q in ss), key=lambda t: t[0])]
+                scale = feature_scale(np.concatenate(smp) if smp else np.zeros((0, 1)), params.feature_norm)
+            miner = HardNegativeMiner(num_classes, params, scale, num_images, class_names)
+            for _, ws in positives:
+                miner.add_positives(ws)
+            del positives
+            setup = {"scale": float(scale), "has_pos": miner.has_pos.copy(), "dim": miner.dim}
+        except Exception as e:  # noqa: BLE001
+            err = e
+    del parts
+    dist.raise_if_any(err)
+    setup = dist.broadcast_object(setup)
+    scale = setup["scale"]
+    if rank != 0:   # a replica of the models only: no positives, no caches
+        miner = HardNegativeMiner(num_classes, params, scale, num_images, class_names)
+        miner.has_pos[:] = setup["has_pos"]
+        if setup["dim"] is not None:
+            miner._ensure_dim(setup["dim"])
+    assert miner is not None
+    logger.info("svm: feature scale %.6g (mean norm -> %g); mining on %d ranks", scale, params.feature_norm, world)
+
+    def fail(update) -> None:
+        if err is not None:
+            raise err
+        raise DistributedError(f"rank {update[1]} of {world} failed: {update[2]}")
+
+    # ---- 2. mining
+    bar = _progress(total=num_images * params.passes, desc="SVM mining", unit="img", disable=show)
+    try:
+        for _ in range(params.passes):
+            for first in range(0, num_images, world):
+                images = list(range(first, min(first + world, num_images)))
+                ws = None
+                if rank < len(images):
+                    try:
+                        ws = get_windows(images[rank])
+                    except Exception as e:  # noqa: BLE001
+                        err = e
+                dist.raise_if_any(err)
+                for r, i in enumerate(images):
+                    hard = None
+                    if rank == r:
+                        try:
+                            hard = miner.select_hard(i, ws)
+                        except Exception as e:  # noqa: BLE001
+                            err = e
+                        ws = None
+                        if r != 0:
+                            _send_object(_Failed(_first_line(err)) if err is not None else hard, 0)
+                            hard = None
+                    update = None
+                    if rank == 0:
+                        if r != 0:
+                            hard = _recv_object(r)
+                        if isinstance(hard, _Failed):
+                            update = ("failed", r, hard.message)
+                        elif err is not None:
+                            update = ("failed", 0, _first_line(err))
+                        else:
+                            try:
+                                miner.add_hard(hard)
+                                miner.retrain_due(i)
+                                update = ("ok", miner.take_model_changes())
+                            except Exception as e:  # noqa: BLE001
+                                err = e
+                                update = ("failed", 0, _first_line(e))
+                        hard = None
+                    update = dist.broadcast_object(update)
+                    if update[0] == "failed":
+                        fail(update)
+                    if rank != 0:
+                        miner.apply_model_changes(update[1])
+                bar.update(len(images))
+    finally:
+        bar.close()
+
+    # ---- 3. the final retrain on rank 0, shared
+    result = None
+    if rank == 0:
+        try:
+            svms, stats = miner.finish()
+            stats["_total"] = {"scale": scale, "time_s": round(time.perf_counter() - t0, 3),
+                               "retrain_images": miner.retrain_images, "solver": params.solver, "ranks": world}
+            result = ("ok", svms.state_dict(), stats)
+        except Exception as e:  # noqa: BLE001
+            err = e
+            result = ("failed", 0, _first_line(e))
+    result = dist.broadcast_object(result)
+    if result[0] == "failed":
+        fail(result)
+    return LinearSVMs.from_state_dict(result[1]), result[2]
