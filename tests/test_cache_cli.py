@@ -142,7 +142,7 @@ def test_disk_use_is_logged_in_total_and_per_image_at_the_end_of_the_stage(zf5, 
 
 
 def test_train_and_eval_refuse_to_start_when_the_conv5_cache_will_not_fit(tiny_run, tmp_path, monkeypatch, capsys):
-    """One line, exit 2; train has its proposals (cached: nothing lost) and no conv5 map."""
+    """One line, exit 2, before any stage ran: no proposals computed, no conv5 map."""
     _full_disk(monkeypatch, 10 * 2 ** 20)
     cache = tmp_path / "cache"
     rc = main(["-q", "train", "--config", "demo_lite0", "--data", str(tiny_run["data"]), "--out", str(tmp_path / "run"),
@@ -151,7 +151,7 @@ def test_train_and_eval_refuse_to_start_when_the_conv5_cache_will_not_fit(tiny_r
     assert rc == 2
     assert err.startswith(f"sppdet: error: {cache / 'features'}: the conv5 cache needs about ")
     assert err.endswith("GiB free; free space or use --cache DIR") and "\n" not in err
-    assert list((cache / "proposals").rglob("*.npz")) and not list(cache.rglob("features/**/*.npz"))
+    assert not list(cache.rglob("proposals/**/*.npz")) and not list(cache.rglob("features/**/*.npz"))
     rc = main(["-q", "eval", "--checkpoint", str(tiny_run["checkpoint"]), "--data", str(tiny_run["data"]),
                "--split", "test", "--cache", str(tmp_path / "c2"), "--device", "cpu", "--workers", "1"])
     err = capsys.readouterr().err.strip()

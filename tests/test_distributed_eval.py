@@ -62,13 +62,18 @@ def files_of(folder: Path) -> dict[str, Path]:
     return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def maps_of(folder: Path) -> dict[str, Path]:
+    """The conv5 map files under ``folder`` (not the cache's bookkeeping: ``uses/``, the lock)."""
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*.npz")) if p.is_file()}
+
+
 def assert_same_conv5_cache(a: Path, b: Path) -> int:
     """The same map files under both folders, each holding the same arrays, bit for bit.
 
     Compares every member of every ``.npz`` (the ``.npy`` bytes: header, dtype, shape,
     values) and the decoded arrays; returns the number of map files.
     """
-    fa, fb = files_of(a), files_of(b)
+    fa, fb = maps_of(a), maps_of(b)
     assert fa.keys() == fb.keys()
     assert fa, f"no conv5 maps under {a}"
     for name in fa:

@@ -331,8 +331,11 @@ def _train(*argv: str, ranks: int):
 
 
 def _files(folder: Path) -> dict[str, str]:
+    """Every cache file's hash, less the cache's bookkeeping (``uses/`` records of who used an
+    entry and when, the ``.sppdet-lock``): those say when, not what."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and "uses" not in p.relative_to(folder).parts[:-1] and p.name != ".sppdet-lock"}
 
 
 def _stage(run: Path, name: str) -> dict:

@@ -33,6 +33,7 @@ from ..config import Config
 from ..data.records import Dataset
 from ..errors import SppdetError
 from ..features import WindowFeatures
+from ..features.cache_admin import check_conv5_space
 from ..models.detector import SPPDetector
 from ..models.heads import FCHead, fc7_features
 from ..utils import dist
@@ -209,6 +210,13 @@ class Pipeline:
             raise SppdetError(f"{dataset.root}: split {cfg.data.train_split!r} has no annotated objects to train on")
         log.info("data: %s/%s, %d images, %d classes", dataset.root, dataset.split, len(dataset), K)
 
+        # the conv5 cache this run needs must fit on its disk: refused before any stage runs
+        backbone = build.backbone(cfg)
+        extractor = build.extractor(cfg.features, backbone, self.device, self.cache_dir)
+        flips = (False, True) if cfg.features.flip else (False,)
+        need_flips = flips if cfg.finetune.enabled and not cfg.finetune.end_to_end else (False,)
+        check_conv5_space(extractor, dataset, need_flips)
+
         # ---- proposals
         from ..proposals import compute_proposals
 
@@ -231,12 +239,7 @@ class Pipeline:
                                 preset.key(), cfg.proposals.max_boxes])
 
         # ---- features
-        backbone = build.backbone(cfg)
-        extractor = build.extractor(cfg.features, backbone, self.device, self.cache_dir)
         feats = self._window_features(extractor, train_set, windows)
-        flips = (False, True) if cfg.features.flip else (False,)
-        need_flips = flips if cfg.finetune.enabled and not cfg.finetune.end_to_end else (False,)
-        from ..features.cache_admin import check_conv5_space; check_conv5_space(extractor, train_set, need_flips)  # noqa: E702,E501
         self._timed("features", lambda: feats.prepare(need_flips))
         feat_key = stable_hash([features_key(cfg, backbone), data_key])
 
