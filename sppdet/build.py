@@ -127,7 +127,7 @@ def extractor(features: FeatureConfig, backbone: Backbone, device: torch.device 
         backbone, scales=tuple(f.scales), max_side=f.max_side, pyramid=tuple(f.pyramid), device=device,
         cache_dir=Path(cache) / "features" if cache is not None else None, cache_dtype=f.cache_dtype,
         mode=f.mode, rcnn_size=f.rcnn_size, rcnn_context=f.rcnn_context, rcnn_batch=f.rcnn_batch,
-        memory_cache=f.memory_cache, context=f.context, context_pyramid=tuple(f.context_pyramid),
+        memory_cache=f.memory_cache, context=f.context, context_pyramid=tuple(f.context_pyramid), amp=f.amp,
     )
 
 

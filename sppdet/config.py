@@ -66,6 +66,8 @@ class FeatureConfig:
     pyramid: list[int] = field(default_factory=lambda: [4, 2, 1])
     flip: bool = True                # also extract features of the mirrored image for training
     cache_dtype: str = "float16"     # conv5 map storage
+    amp: str = "auto"                # CUDA only: autocast of the conv5 forward: auto (= fp16 on CUDA) | off |
+                                     # fp16 | bf16; no effect on the CPU (maps change at float16 cache noise)
     rcnn_context: int = 16           # R-CNN mode: context padding (pixels at 224)
     rcnn_size: int = 224             # R-CNN mode: warp size
     rcnn_batch: int = 32             # R-CNN mode: windows per backbone batch
@@ -431,6 +433,8 @@ def validate(cfg: Config) -> None:
         bad("features.pyramid", f"must be a non-empty list of positive bin counts, got {f.pyramid}")
     if f.cache_dtype not in ("float16", "float32"):
         bad("features.cache_dtype", f"must be float16 or float32, got {f.cache_dtype!r}")
+    if f.amp not in ("auto", "off", "fp16", "bf16"):
+        bad("features.amp", f"must be auto, off, fp16 or bf16, got {f.amp!r}")
     num("features.rcnn_size", f.rcnn_size, lo=1)
     num("features.rcnn_context", f.rcnn_context, lo=0)
     if 2 * f.rcnn_context >= f.rcnn_size:

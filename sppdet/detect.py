@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 from .boxes import batched_nms, box_iou, clip_boxes, flip_boxes, valid_boxes
 from .data.images import load_image
@@ -119,6 +120,78 @@ def postprocess(scores: np.ndarray, boxes: np.ndarray, width: int, height: int, 
     return Detections(out, s[keep], lab[keep])
 
 
+def postprocess_tensor(scores: torch.Tensor, boxes: torch.Tensor, width: int, height: int, *, nms: float = 0.3,
+                       max_per_image: int = 100, score_threshold: float | None = None,
+                       pre_nms_top: int = PRE_NMS_TOP, box_voting: float | None = None) -> Detections:
+    """:func:`postprocess` on the scores' device, in one pass over all classes.
+
+    The same steps and the same candidate order as :func:`postprocess` (per class the best
+    ``pre_nms_top`` windows by a stable sort, the threshold, clipping, the empty-box check;
+    the candidates class by class), with ``torchvision.ops.batched_nms``, the top-k cut and box
+    voting run on the device: no Python loop over classes, no transfer before the end.  Only
+    the final detections (at most ``max_per_image``) cross to the host, in one copy.
+
+    Args:
+        scores (Tensor[N, K]), boxes (Tensor[N, K, 4] or Tensor[N, 4]): as :func:`postprocess`,
+            on one device.
+
+    Returns:
+        :class:`Detections` (numpy), equal to :func:`postprocess` on the same values (the
+        tests check it on the CPU; voted boxes up to float rounding).
+    """
+    import torchvision
+
+    n, k = scores.shape
+    if n == 0 or k == 0:
+        return Detections.empty()
+    dev = scores.device
+    if not boxes.is_floating_point():
+        boxes = boxes.to(torch.float32)
+    # sorted, clipped and checked in the given dtypes and only then made float32, as postprocess does
+    if boxes.dim() == 2:
+        boxes = boxes[:, None, :].expand(n, k, 4)
+    top = min(int(pre_nms_top), n)
+    s_sorted, order = torch.sort(scores, dim=0, descending=True, stable=True)     # per class, [N, K]
+    order, s_top = order[:top], s_sorted[:top]
+    cls = torch.arange(k, device=dev)
+    b = boxes[order, cls[None, :]]                                                 # [top, K, 4]
+    # class-major, as postprocess concatenates them
+    b = b.transpose(0, 1).reshape(-1, 4)
+    s = s_top.transpose(0, 1).reshape(-1)
+    lab = cls[:, None].expand(k, top).reshape(-1)
+    b = torch.stack([b[:, 0].clamp(0, width), b[:, 1].clamp(0, height),
+                     b[:, 2].clamp(0, width), b[:, 3].clamp(0, height)], dim=1)
+    ok = ((b[:, 2] - b[:, 0]) > 0) & ((b[:, 3] - b[:, 1]) > 0)
+    if score_threshold is not None:
+        ok &= s >= score_threshold
+    b, s, lab = b[ok].to(torch.float32), s[ok].to(torch.float32), lab[ok]
+    if len(s) == 0:
+        return Detections.empty()
+    keep = torchvision.ops.batched_nms(b, s, lab, float(nms))
+    keep = keep[torch.sort(s[keep], descending=True, stable=True)[1]][:max_per_image]
+    out = b[keep]
+    if box_voting is not None and len(keep):
+        out = vote_boxes_tensor(b, s, lab, keep, box_voting)
+    # the one transfer of this image: its final detections
+    return Detections(out.cpu().numpy(), s[keep].cpu().numpy(), lab[keep].cpu().numpy().astype(np.int64))
+
+
+def vote_boxes_tensor(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                      iou_threshold: float) -> torch.Tensor:
+    """:func:`vote_boxes` in torch on the boxes' device (the same arithmetic: IoU in float64,
+    weights in float32, the weighted mean in float64); Tensor[M, 4] float32."""
+    import torchvision
+
+    bd = boxes.to(torch.float64)
+    iou = torchvision.ops.box_iou(bd[keep], bd)                                   # [M, N]
+    member = (iou >= iou_threshold) & (labels[keep][:, None] == labels[None, :])
+    member[torch.arange(len(keep), device=keep.device), keep] = True
+    diff = torch.clamp(scores[None, :] - scores[keep][:, None], max=30.0)
+    w = torch.where(member, torch.exp(diff), torch.zeros((), dtype=scores.dtype, device=scores.device))
+    voted = (w.to(torch.float64) @ bd) / w.sum(1, keepdim=True).to(torch.float64)
+    return voted.to(torch.float32)
+
+
 def vote_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, keep: np.ndarray,
                iou_threshold: float) -> np.ndarray:
     """Box voting: each kept box becomes the score-weighted mean of its same-class neighbours.
@@ -172,6 +245,9 @@ class Detector:
         self.config = config
         self.device = model.device
         self.use_bbox_reg = model.bbox_reg is not None
+        #: score, regress and post-process on the device, one transfer per image (True on a GPU;
+        #: on the CPU the numpy path, whose results the tests pin bit for bit)
+        self.device_path = self.device.type != "cpu"
         self.timer = Timer()
 
     # ------------------------------------------------------------------ build
@@ -221,13 +297,58 @@ class Detector:
             self.timer.add("classify", time.perf_counter() - t)
         return scores_sum / len(views), boxes_sum / len(views)
 
+    def window_scores_tensor(self, item: Any, windows: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`window_scores` kept on the model's device: Tensor[N, K] scores and Tensor[N, K, 4]
+        (or [N, 4]) boxes there.  Windows are pooled, scored (fc7 + all SVMs in one matmul) and
+        regressed where the conv5 maps are; the windows go to the device once per image.
+
+        On a GPU the work is queued asynchronously, so the timer's ``features`` / ``classify``
+        split is approximate there (the ``nms`` stage then waits for it); the sum is right.
+        """
+        model = self.model
+        dev = model.device
+        views = (False, True) if model.test.flip else (False,)
+        regress = self.use_bbox_reg and model.bbox_reg is not None
+        win = torch.from_numpy(np.ascontiguousarray(np.asarray(windows, dtype=np.float64).reshape(-1, 4))).to(dev)
+        scores_sum, boxes_sum = None, None
+        for flip in views:
+            t = time.perf_counter()
+            feats = self.extractor.features(item, windows, flip=flip).to(dev)
+            self.timer.add("features", time.perf_counter() - t)
+            t = time.perf_counter()
+            scores = model.score_tensor(feats)
+            if regress:
+                if flip:
+                    boxes = _flip_tensor(model.regress_tensor(feats, _flip_tensor(win, width)), width)
+                else:
+                    boxes = model.regress_tensor(feats, win)              # [N, K, 4]
+            else:
+                boxes = win.to(torch.float32)
+            scores_sum = scores if scores_sum is None else scores_sum + scores
+            boxes_sum = boxes if boxes_sum is None else boxes_sum + boxes
+            self.timer.add("classify", time.perf_counter() - t)
+        return scores_sum / len(views), boxes_sum / len(views)
+
     def detect_item(self, item: Any, windows: np.ndarray, width: int, height: int) -> Detections:
-        """Detections of one image (a record or ``(image_id, path_or_array)``) from its windows."""
+        """Detections of one image (a record or ``(image_id, path_or_array)``) from its windows.
+
+        With :attr:`device_path` (on a GPU) everything after the conv5 maps runs on the device
+        (:meth:`window_scores_tensor`, :func:`postprocess_tensor`) and the final detections
+        come back in one transfer; otherwise the numpy path (:meth:`window_scores`, :func:`postprocess`).
+        """
+        test = self.model.test
+        kw = dict(nms=test.nms, max_per_image=test.max_per_image, score_threshold=test.score_threshold,
+                  box_voting=test.box_voting)
+        if self.device_path:
+            with torch.no_grad():
+                scores_t, boxes_t = self.window_scores_tensor(item, windows, width)
+                t = time.perf_counter()
+                det = postprocess_tensor(scores_t, boxes_t, width, height, **kw)
+            self.timer.add("nms", time.perf_counter() - t)
+            return det
         scores, boxes = self.window_scores(item, windows, width)
         t = time.perf_counter()
-        test = self.model.test
-        det = postprocess(scores, boxes, width, height, nms=test.nms, max_per_image=test.max_per_image,
-                          score_threshold=test.score_threshold, box_voting=test.box_voting)
+        det = postprocess(scores, boxes, width, height, **kw)
         self.timer.add("nms", time.perf_counter() - t)
         return det
 
@@ -434,6 +555,11 @@ class Detector:
             images += n
         self.timer = Timer(seconds, images)
         return {r.image_id: found[r.image_id] for r in records if r.image_id in found}
+
+
+def _flip_tensor(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """:func:`sppdet.boxes.flip_boxes` for a tensor of boxes ``[..., 4]`` (any device)."""
+    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], dim=-1)
 
 
 def detections_to_json(det: Detections | dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:

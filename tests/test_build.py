@@ -94,12 +94,12 @@ NOT_EXTRACTOR = {"backbone": "build.backbone", "weights": "build.backbone", "fli
 def test_every_feature_setting_reaches_the_extractor_or_is_accounted_for():
     f = FeatureConfig(scales=[96, 128], max_side=400, pyramid=[3, 1], cache_dtype="float32", mode="spp",
                       rcnn_size=200, rcnn_context=10, rcnn_batch=7, memory_cache=5, context=1.5,
-                      context_pyramid=[1])
+                      context_pyramid=[1], amp="bf16")
     ex = build.extractor(f, build_backbone("zf5", "random"), "cpu", Path("/nonexistent-cache"))
     got = {"scales": list(ex.scales), "max_side": ex.max_side, "pyramid": list(ex.pyramid),
            "cache_dtype": ex.cache_dtype, "mode": ex.mode, "rcnn_size": ex.rcnn_size,
            "rcnn_context": ex.rcnn_context, "rcnn_batch": ex.rcnn_batch, "memory_cache": ex.cache._mem_size,
-           "context": ex.context, "context_pyramid": list(ex.context_pyramid)}
+           "context": ex.context, "context_pyramid": list(ex.context_pyramid), "amp": ex.amp}
     assert set(got) | set(NOT_EXTRACTOR) == {x.name for x in dataclasses.fields(FeatureConfig)}
     for name, value in got.items():
         assert value == getattr(f, name), name
@@ -109,6 +109,7 @@ def test_every_feature_setting_reaches_the_extractor_or_is_accounted_for():
     d = FeatureConfig()
     assert sig["max_side"].default == d.max_side and list(sig["pyramid"].default) == d.pyramid
     assert sig["rcnn_size"].default == d.rcnn_size and sig["rcnn_context"].default == d.rcnn_context
+    assert sig["amp"].default == d.amp
 
 
 def test_postprocess_settings_are_the_test_section():

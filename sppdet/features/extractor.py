@@ -87,6 +87,20 @@ def rank_thread_share() -> Iterator[int]:
 
 
 
+#: Values of ``features.amp`` (:class:`FeatureExtractor`'s ``amp``).
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+
+
+def amp_dtype(amp: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of the conv5 forward for ``amp`` on ``device``: None (float32) on
+    the CPU and for ``off``; float16 for ``auto`` and ``fp16`` on CUDA; bfloat16 for ``bf16``."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if torch.device(device).type != "cuda" or amp == "off":
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
 def resize_image(image: np.ndarray, factor: float) -> np.ndarray:
     """Resize an RGB uint8 image (ndarray[H, W, 3]) by ``factor`` to ``round(H f) x round(W f)``.
 
@@ -151,6 +165,14 @@ class FeatureExtractor:
             tells the classifier and the box regressor whether the object goes on past
             the window's edges (SPP mode only).
         context_pyramid: pyramid levels of the enlarged window.
+        amp: mixed precision of the backbone forward that computes the cached conv5 maps,
+            on CUDA only: ``auto`` (float16 autocast on CUDA), ``off``, ``fp16``, ``bf16``.
+            On the CPU every value means off (the maps are bit for bit those of ``off``).
+            The maps are stored in ``cache_dtype`` (float16 by default) anyway, so fp16
+            autocast changes them at about the float16 cache's own rounding noise; bf16 has
+            fewer mantissa bits (8 against float16's 11) and changes them more.  A map with an
+            overflow (inf/NaN) under autocast is computed again in float32.  Live maps (end-to-end
+            fine-tuning, with autograd) and R-CNN mode never use it.
     """
 
     def __init__(self, backbone: Backbone, *, scales: Sequence[int] = (688,), max_side: int = 2000,
@@ -158,13 +180,15 @@ class FeatureExtractor:
                  cache_dir: str | Path | None = None, cache_dtype: str = "float16", mode: str = "spp",
                  rcnn_size: int = 224, rcnn_context: int = 16, rcnn_batch: int = 32,
                  memory_cache: int = 16, context: float = 0.0,
-                 context_pyramid: Sequence[int] = (2, 1)) -> None:
+                 context_pyramid: Sequence[int] = (2, 1), amp: str = "auto") -> None:
         if mode not in ("spp", "rcnn"):
             raise ValueError(f"mode must be spp or rcnn, got {mode!r}")
         if context and (context <= 1 or mode != "spp"):
             raise ValueError(f"context must be 0 or a factor > 1 (SPP mode only), got {context!r} in {mode} mode")
         if cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be float16 or float32, got {cache_dtype!r}")
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
         if not scales or any(int(s) <= 0 for s in scales):
             raise ValueError(f"scales must be positive sizes, got {scales!r}")
         if 2 * rcnn_context >= rcnn_size:
@@ -187,6 +211,8 @@ class FeatureExtractor:
         self.rcnn_context = int(rcnn_context)
         self.rcnn_batch = int(rcnn_batch)
         self._torch_dtype = torch.float16 if cache_dtype == "float16" else torch.float32
+        self.amp = amp
+        self._amp_dtype = amp_dtype(amp, self.device)
         self.stats = {"hits_memory": 0, "hits_disk": 0, "computed": 0, "rebuilt": 0}
         self.cache = Conv5Cache(self.cache_dir, self.backbone, max_side=self.max_side, cache_dtype=cache_dtype,
                                 memory=memory_cache, stats=self.stats)
@@ -229,11 +255,26 @@ class FeatureExtractor:
                     # oneDNN's convolutions run ~25% faster on NHWC input (measured on Lite0)
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.set_grad_enabled(grad):
-                    by_size[sz] = self.backbone(x)[0].contiguous()
+                    if self._amp_dtype is not None and not grad:
+                        by_size[sz] = self._forward_amp(x)
+                    else:
+                        by_size[sz] = self.backbone(x)[0].contiguous()
             out.append((f, by_size[sz]))
         return out
 
+    def _forward_amp(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone under CUDA autocast (``self._amp_dtype``); float32 again on an overflow."""
+        with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype):
+            y = self.backbone(x)[0]
+        if not bool(torch.isfinite(y).all()):       # one check per map (a sync per image and scale)
+            log.warning("conv5 map not finite under %s autocast; computed in float32 (set features.amp off "
+                        "for this backbone)", self.amp)
+            y = self.backbone(x)[0]
+        return y.contiguous()
+
     def _to_storage(self, fmap: torch.Tensor) -> torch.Tensor:
+        if fmap.device.type != "cpu":
+            return self._to_storage_device(fmap)
         t = fmap.detach().to("cpu", torch.float32)
         if self._torch_dtype == torch.float16:
             peak = float(t.abs().max()) if t.numel() else 0.0
@@ -242,6 +283,19 @@ class FeatureExtractor:
                             "(use cache_dtype float32 for this backbone)", peak)
                 t = t.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
         return t.to(self._torch_dtype).contiguous()
+
+    def _to_storage_device(self, fmap: torch.Tensor) -> torch.Tensor:
+        """:meth:`_to_storage` of a map on an accelerator: the range check, clamp and cast to the
+        cache dtype run there and only the stored-dtype map crosses to the host (float16: half
+        the bytes).  The same values as casting on the host (IEEE round-to-nearest both ways)."""
+        t = fmap.detach().to(torch.float32)
+        if self._torch_dtype == torch.float16:
+            peak = float(t.abs().max()) if t.numel() else 0.0
+            if peak > _FLOAT16_MAX:
+                log.warning("conv5 values up to %.3g exceed float16's range; clipped in the cache "
+                            "(use cache_dtype float32 for this backbone)", peak)
+                t = t.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
+        return t.to(self._torch_dtype).cpu().contiguous()
 
     def _maps(self, image_id: str | None, src: Any, flip: bool) -> tuple[list[tuple[float, torch.Tensor]],
                                                                         tuple[int, int]]:
@@ -612,5 +666,5 @@ class FeatureExtractor:
                 "ratio": (per_window / total) if total else float("nan")}
 
 
-__all__ = ["FeatureExtractor", "resize_image", "context_boxes", "enlarge_boxes", "rank_thread_share",
+__all__ = ["FeatureExtractor", "AMP_MODES", "amp_dtype", "resize_image", "context_boxes", "enlarge_boxes", "rank_thread_share",
            "CACHE_FORMAT"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..boxes import decode
+from ..boxes import MAX_LOG_SCALE, decode
 
 
 class BBoxRegressors:
@@ -37,6 +37,7 @@ class BBoxRegressors:
         self.scale = float(scale)
         # [D, K*4] for one matmul over all classes.
         self._W_flat = np.ascontiguousarray(self.W.transpose(1, 0, 2).reshape(self.W.shape[1], K * 4))
+        self._device_params: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def identity(cls, num_classes: int, dim: int) -> "BBoxRegressors":
@@ -82,6 +83,39 @@ class BBoxRegressors:
         rep = np.repeat(boxes, K, axis=0)
         return decode(rep, d.reshape(N * K, 4)).reshape(N, K, 4).astype(np.float32)
 
+    def _params_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``W_flat [D, K*4], b, std, mean [K, 4]`` (float32) on ``device``, copied there once."""
+        key = str(device)
+        got = self._device_params.get(key)
+        if got is None:
+            got = tuple(torch.from_numpy(a).to(device) for a in (self._W_flat, self.b, self.std, self.mean))
+            if device.type != "cpu":       # on the CPU they are views of the arrays: nothing to keep
+                self._device_params[key] = got
+        return got
+
+    def predict_all_tensor(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict_all` in torch on the features' device (no transfer to the host).
+
+        Args:
+            features (Tensor[N, D]): raw pooled conv5 features (any float dtype).
+            boxes (Tensor[N, 4]): the windows, on the same device (float64 keeps the decode exact
+                as :meth:`predict_all` does it).
+
+        Returns:
+            Tensor[N, K, 4] float32 on that device: the same arithmetic as :meth:`predict_all`
+            (float32 matmul, float64 decode), equal to it up to the matmul's summation order.
+        """
+        dev = features.device
+        W, b, std, mean = self._params_on(dev)
+        K = self.num_classes
+        x = features.detach().to(torch.float32).reshape(-1, self.dim) * self.scale
+        N = len(x)
+        if N == 0:
+            return torch.zeros((0, K, 4), dtype=torch.float32, device=dev)
+        d = ((x @ W).reshape(N, K, 4) + b) * std + mean          # [N, K, 4] float32
+        return _decode_tensor(boxes.to(device=dev, dtype=torch.float64).reshape(N, 1, 4),
+                              d.to(torch.float64)).to(torch.float32)
+
     def predict(self, features: np.ndarray | torch.Tensor, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Refine each box with the regressor of its own class.
 
@@ -122,3 +156,13 @@ class BBoxRegressors:
 
     def __repr__(self) -> str:
         return f"BBoxRegressors(K={self.num_classes}, D={self.dim}, scale={self.scale:.6g})"
+
+
+def _decode_tensor(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """:func:`sppdet.boxes.decode` in torch (broadcasting ``p [..., 4]`` against ``d [..., 4]``)."""
+    pw, ph = p[..., 2] - p[..., 0], p[..., 3] - p[..., 1]
+    px, py = p[..., 0] + 0.5 * pw, p[..., 1] + 0.5 * ph
+    cx, cy = px + d[..., 0] * pw, py + d[..., 1] * ph
+    w = pw * torch.exp(torch.clamp(d[..., 2], max=MAX_LOG_SCALE))
+    h = ph * torch.exp(torch.clamp(d[..., 3], max=MAX_LOG_SCALE))
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)

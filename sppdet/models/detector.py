@@ -85,9 +85,29 @@ class SPPDetector:
             if self.head is None:
                 raise CheckpointError("this checkpoint scores fc7 features but holds no fc layers")
             x = fc7_features(self.head, pooled, self.device)
-        scores = self.svms.decision_function(x.cpu())
+        # the SVMs score where fc7 is (on a GPU: only the [N, K] scores cross to the host)
+        scores = self.svms.decision_function(x).cpu()
         scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
         return scores, pooled.cpu().numpy()
+
+    @torch.no_grad()
+    def score_tensor(self, pooled: torch.Tensor) -> torch.Tensor:
+        """SVM scores (Tensor[N, K] float32) of pooled window features (Tensor[N, D]), computed
+        on the model's device and left there (fc7 in chunks, then one matmul for all classes)."""
+        pooled = pooled.float()
+        x = pooled
+        if self.svm_features == "fc7":
+            if self.head is None:
+                raise CheckpointError("this checkpoint scores fc7 features but holds no fc layers")
+            x = fc7_features(self.head, pooled, self.device)
+        return self.svms.decision_function(x)
+
+    def regress_tensor(self, pooled: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """:meth:`regress` on the features' device: Tensor[N, K, 4] float32, or the windows
+        (Tensor[N, 4] float32) without regressors."""
+        if self.bbox_reg is None:
+            return windows.to(device=pooled.device, dtype=torch.float32)
+        return self.bbox_reg.predict_all_tensor(pooled, windows)
 
     def regress(self, pooled: np.ndarray, windows: np.ndarray) -> np.ndarray:
         """Per-class refined boxes (ndarray[N, K, 4]) of ``windows`` (ndarray[N, 4]) from their

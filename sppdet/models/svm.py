@@ -31,6 +31,7 @@ class LinearSVMs:
         if self.W.ndim != 2 or self.W.shape[1] != len(self.b):
             raise ValueError(f"LinearSVMs: W [D, K] and b [K] do not match: {self.W.shape}, {self.b.shape}")
         self.scale = float(scale)
+        self._device_params: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -53,11 +54,23 @@ class LinearSVMs:
         if isinstance(features, torch.Tensor):
             dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
             x = features.to(dtype)
-            W = torch.from_numpy(self.W).to(device=x.device, dtype=dtype)
-            b = torch.from_numpy(self.b).to(device=x.device, dtype=dtype)
+            W, b = self._params_on(x.device, dtype)
             return (x * self.scale) @ W + b
         x = np.asarray(features, dtype=np.float32).reshape(-1, self.dim)
         return ((x * np.float32(self.scale)) @ self.W + self.b).astype(np.float32, copy=False)
+
+    def _params_on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W``, ``b`` as tensors on ``device``: on the CPU views of the arrays (as before), on
+        an accelerator copied there once and kept (no host-to-device copy per scored image)."""
+        if device.type == "cpu":
+            return (torch.from_numpy(self.W).to(dtype=dtype), torch.from_numpy(self.b).to(dtype=dtype))
+        key = (str(device), dtype)
+        got = self._device_params.get(key)
+        if got is None:
+            got = (torch.from_numpy(self.W).to(device=device, dtype=dtype),
+                   torch.from_numpy(self.b).to(device=device, dtype=dtype))
+            self._device_params[key] = got
+        return got
 
     def state_dict(self) -> dict[str, torch.Tensor | float]:
         """``{"W": Tensor[D, K] float32, "b": Tensor[K] float32, "scale": float}`` (weights_only-safe)."""

@@ -287,7 +287,8 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
              snapshot: str | Path | None = None, key: str = "",
              extra_modules: dict[str, nn.Module] | None = None,
              extra_param_groups: list[dict] | None = None,
-             show_progress: bool = True, batches: BatchPlan | None = None) -> dict:
+             show_progress: bool = True, batches: BatchPlan | None = None,
+             prefetch: bool | None = None) -> dict:
     """Train ``head`` (an :class:`~sppdet.models.heads.FCHead`) with SGD.
 
     Args:
@@ -305,6 +306,14 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
             and optimised (end-to-end fine-tuning of the conv layers; one process only).
         batches: the mini-batch of each iteration; default :func:`draw_batch` (what
             training uses; another plan is for tests and experiments).
+        prefetch: draw the next iteration's batch and compute its features (``feature_fn``:
+            conv5 maps from the cache, pooling) in a background thread while the current one
+            trains, into pinned memory on a GPU, copied to it with ``non_blocking``.  Default
+            (None): on when the head trains on CUDA without ``extra_modules`` (end-to-end
+            features depend on the weights being trained, so they cannot be computed ahead);
+            off on the CPU, where the loop is as it always was.  The batches, features and
+            weights are the same either way, and so is the snapshot (each iteration's generator
+            state is taken before its batch is drawn).
 
     Several processes (a ``torch.distributed`` group): every rank calls this with the same
     arguments.  The head runs under ``DistributedDataParallel``; every rank draws the same
@@ -377,8 +386,15 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
                 f"{snapshot}: the ranks found different fine-tuning snapshots (iterations {starts}); the run "
                 "folder must be on a filesystem shared by every node")
 
+    ahead = (device.type == "cuda" and not extra_modules and not extra_param_groups) if prefetch is None \
+        else bool(prefetch)
+    # with ``ahead``: the batch of the iteration not started yet, drawn already, and the numpy
+    # generator's state from before it was drawn (what a snapshot of that iteration must hold)
+    pending: list = []
+
     def rng_states() -> tuple:
-        return rng.bit_generator.state, torch.get_rng_state()
+        np_state = pending[0][0] if pending else rng.bit_generator.state
+        return np_state, torch.get_rng_state()
 
     def save(it: int, states: tuple, rank_rngs: list | None = None) -> None:
         """Save the state at the START of iteration ``it`` (RNGs as they were then), so a
@@ -419,6 +435,35 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
     it = start
     bar = progress(total=params.iterations, initial=start, desc="fine-tune", unit="it",
                    disable=None if show_progress else True)
+    pin = device.type == "cuda"
+    pool = None
+    if ahead:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sppdet-finetune-prefetch")
+
+    def own_entries(entries: list) -> list:
+        return entries if world == 1 else [e for e in entries if e[0] % world == rank]
+
+    def load(own: list) -> tuple[list, list]:
+        """Features (CPU ones pinned on a GPU run) and labels of this rank's entries (worker thread)."""
+        feats, labels = [], []
+        for i, idx, lab, flip in own:
+            t = feature_fn(i, idx, flip)
+            if pin and t.device.type == "cpu":
+                t = t.to(torch.float32).pin_memory()
+            feats.append(t)
+            lab_t = torch.from_numpy(np.asarray(lab, dtype=np.int64))
+            labels.append(lab_t.pin_memory() if pin else lab_t)
+        return feats, labels
+
+    def draw_ahead(i: int) -> None:
+        """Draw iteration ``i``'s batch now and start loading it (when ``i`` is to be run)."""
+        if i < params.iterations:
+            st = rng.bit_generator.state
+            entries = plan(i, rng)
+            pending.append((st, entries, pool.submit(load, own_entries(entries))))
+
     states = rng_states()
     try:
         while it < params.iterations:
@@ -426,18 +471,32 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
             scale = 0.1 if it >= step_at else 1.0
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 * scale
-            entries = plan(it, rng)
-            own = entries if world == 1 else [e for e in entries if e[0] % world == rank]
-            feats, labels = [], []
             err: BaseException | None = None
-            try:
-                for i, idx, lab, flip in own:
-                    feats.append(feature_fn(i, idx, flip).to(device, torch.float32))
-                    labels.append(torch.from_numpy(np.asarray(lab, dtype=np.int64)))
-            except Exception as e:  # noqa: BLE001 - several ranks: reported to all, then raised
-                if world == 1:
-                    raise
-                err, feats, labels = e, [], []
+            if ahead:
+                if not pending:
+                    draw_ahead(it)
+                _, entries, fut = pending.pop(0)
+                draw_ahead(it + 1)                 # loads while this iteration trains
+                try:
+                    feats, labels = fut.result()
+                    feats = [t.to(device, torch.float32, non_blocking=True) for t in feats]
+                    labels = [t.to(device, non_blocking=True) for t in labels]
+                except Exception as e:  # noqa: BLE001 - several ranks: reported to all, then raised
+                    if world == 1:
+                        raise
+                    err, feats, labels = e, [], []
+            else:
+                entries = plan(it, rng)
+                own = own_entries(entries)
+                feats, labels = [], []
+                try:
+                    for i, idx, lab, flip in own:
+                        feats.append(feature_fn(i, idx, flip).to(device, torch.float32))
+                        labels.append(torch.from_numpy(np.asarray(lab, dtype=np.int64)))
+                except Exception as e:  # noqa: BLE001 - several ranks: reported to all, then raised
+                    if world == 1:
+                        raise
+                    err, feats, labels = e, [], []
             x = torch.cat(feats) if feats else torch.zeros((0, in_dim), device=device)
             y = torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.int64, device=device)
             logits = model(x)
@@ -489,6 +548,11 @@ def finetune(head: nn.Module, feature_fn: FeatureFn, windows: Sequence[ImageWind
         raise
     finally:
         bar.close()
+        if pool is not None:
+            for _, _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
+            pending.clear()
     if snapshot is not None:
         save_all(it)
     head.eval()
