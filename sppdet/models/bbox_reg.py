@@ -37,7 +37,7 @@ class BBoxRegressors:
         self.scale = float(scale)
         # [D, K*4] for one matmul over all classes.
         self._W_flat = np.ascontiguousarray(self.W.transpose(1, 0, 2).reshape(self.W.shape[1], K * 4))
-        self._device_params: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._device_params: dict[str, tuple] = {}   # device -> (the arrays, their copies there)
 
     @classmethod
     def identity(cls, num_classes: int, dim: int) -> "BBoxRegressors":
@@ -84,14 +84,17 @@ class BBoxRegressors:
         return decode(rep, d.reshape(N * K, 4)).reshape(N, K, 4).astype(np.float32)
 
     def _params_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``W_flat [D, K*4], b, std, mean [K, 4]`` (float32) on ``device``, copied there once."""
+        """``W_flat [D, K*4], b, std, mean [K, 4]`` (float32) on ``device``: on the CPU views of the
+        arrays, elsewhere copied there once and kept (again when one of the arrays is replaced)."""
+        arrays = (self._W_flat, self.b, self.std, self.mean)
+        if device.type == "cpu":
+            return tuple(torch.from_numpy(a) for a in arrays)
         key = str(device)
         got = self._device_params.get(key)
-        if got is None:
-            got = tuple(torch.from_numpy(a).to(device) for a in (self._W_flat, self.b, self.std, self.mean))
-            if device.type != "cpu":       # on the CPU they are views of the arrays: nothing to keep
-                self._device_params[key] = got
-        return got
+        if got is None or any(a is not b for a, b in zip(got[0], arrays)):
+            got = (arrays, tuple(torch.from_numpy(a).to(device) for a in arrays))
+            self._device_params[key] = got
+        return got[1]
 
     def predict_all_tensor(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """:meth:`predict_all` in torch on the features' device (no transfer to the host).

@@ -31,7 +31,7 @@ class LinearSVMs:
         if self.W.ndim != 2 or self.W.shape[1] != len(self.b):
             raise ValueError(f"LinearSVMs: W [D, K] and b [K] do not match: {self.W.shape}, {self.b.shape}")
         self.scale = float(scale)
-        self._device_params: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_params: dict[tuple, tuple] = {}   # (device, dtype) -> (W, b, W there, b there)
 
     @property
     def num_classes(self) -> int:
@@ -61,16 +61,17 @@ class LinearSVMs:
 
     def _params_on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``W``, ``b`` as tensors on ``device``: on the CPU views of the arrays (as before), on
-        an accelerator copied there once and kept (no host-to-device copy per scored image)."""
+        an accelerator copied there once and kept (no host-to-device copy per scored image; a
+        new ``W`` or ``b`` array assigned later is copied again, a change made in place is not)."""
         if device.type == "cpu":
             return (torch.from_numpy(self.W).to(dtype=dtype), torch.from_numpy(self.b).to(dtype=dtype))
         key = (str(device), dtype)
         got = self._device_params.get(key)
-        if got is None:
-            got = (torch.from_numpy(self.W).to(device=device, dtype=dtype),
+        if got is None or got[0] is not self.W or got[1] is not self.b:
+            got = (self.W, self.b, torch.from_numpy(self.W).to(device=device, dtype=dtype),
                    torch.from_numpy(self.b).to(device=device, dtype=dtype))
             self._device_params[key] = got
-        return got
+        return got[2], got[3]
 
     def state_dict(self) -> dict[str, torch.Tensor | float]:
         """``{"W": Tensor[D, K] float32, "b": Tensor[K] float32, "scale": float}`` (weights_only-safe)."""
