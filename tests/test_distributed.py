@@ -173,6 +173,12 @@ def _rank_main(rank: int, port: int, fn, out_dir: str, *args) -> None:
     except BaseException:  # reported to the parent through the file
         result = {"traceback": traceback.format_exc()}
     out.write_text(json.dumps(result))
+    # the result is on disk: leave without torch's C++ teardown, which now and then aborts a
+    # finished process ("terminate called without an active exception", SIGABRT) -- the same
+    # mitigation as ``python -m sppdet`` under torchrun (sppdet/__main__.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _collectives(rank: int, out_dir: Path) -> dict:
