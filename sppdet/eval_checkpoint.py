@@ -90,6 +90,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
         log.info("%s/%s: mAP %.4f (%s) over %d images, %.2f s per image", ds.root, split, result.mAP, metric,
                  len(dets), t_detect / max(len(dets), 1))
         ev = CheckpointEvaluation(result, ds, dets, out, None, timings)
+        b = None
         if metric in ("voc07", "voc12"):
             from .evaluation.errors import error_breakdown_from_detections
 
@@ -98,7 +99,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
             ev.errors = b.to_json()
         if report_dir:
             ev.report = write_eval_report(ev, det, Path(report_dir).expanduser(), checkpoint, report_examples,
-                                          proposals=store)
+                                          proposals=store, breakdown=b)
         return ev
 
     if dist.get_world_size() <= 1:
@@ -163,7 +164,7 @@ def _score(det: Detector, ds: Dataset, dets: dict[str, Detections], out: Path, s
 
 
 def write_eval_report(ev: CheckpointEvaluation, det: Detector, out: Path, checkpoint, n_examples: int,
-                      proposals: Any = None) -> Path:
+                      proposals: Any = None, breakdown: Any = None) -> Path:
     """HTML report (:func:`sppdet.report.write_eval_report`): figures, AP table, PR curves, drawn
     detections vs ground truth, proposal recall, timings, config.
 
@@ -187,4 +188,4 @@ def write_eval_report(ev: CheckpointEvaluation, det: Detector, out: Path, checkp
     return write(out, result=ev.result, dataset=ev.dataset, detections=ev.detections, classes=det.classes,
                  title=f"sppdet evaluation: {det.config.name} on {ev.dataset.split}", facts=facts,
                  train_stats=stats, test_per_image=ev.timings.get("per_image", {}), proposals=store,
-                 config_yaml=det.config.to_yaml(), n_examples=n_examples)
+                 config_yaml=det.config.to_yaml(), n_examples=n_examples, breakdown=breakdown)

@@ -286,7 +286,7 @@ def write_eval_report(out_dir: str | Path, *, result, dataset, detections: Mappi
                       train_stats: Mapping[str, Any] | None = None,
                       test_per_image: Mapping[str, float] | None = None,
                       proposals: Mapping[str, np.ndarray] | None = None,
-                      config_yaml: str = "", n_examples: int = 8) -> Path:
+                      config_yaml: str = "", n_examples: int = 8, breakdown=None) -> Path:
     """The evaluation report of a detector on a split.
 
     Args:
@@ -342,7 +342,8 @@ def write_eval_report(out_dir: str | Path, *, result, dataset, detections: Mappi
 
     errors = errors_figure = errors_json = None
     if result.per_class:
-        errors, errors_figure, errors_json = _error_breakdown(out, figs, result, dataset, detections, classes)
+        errors, errors_figure, errors_json = _error_breakdown(out, figs, result, dataset, detections, classes,
+                                                                breakdown)
 
     pr = plot_pr_curves(result, out / "pr") if result.per_class else []
     examples = draw_examples(out / "examples", dataset.records, detections, classes, n_examples)
@@ -359,10 +360,13 @@ def write_eval_report(out_dir: str | Path, *, result, dataset, detections: Mappi
 ERRORS_JSON = "error_breakdown.json"
 
 
-def _error_breakdown(out: Path, figs: Path, result, dataset, detections: Mapping[str, Any], classes: list[str]):
-    """The false-positive breakdown of the detections (:mod:`sppdet.evaluation.errors`), computed here
-    from the detections and the split the report is given (the same detections, in the same order,
-    as the results files ``sppdet eval`` scores): (its JSON, the figure, ``out/error_breakdown.json``)."""
+def _error_breakdown(out: Path, figs: Path, result, dataset, detections: Mapping[str, Any], classes: list[str],
+                     breakdown=None):
+    """The false-positive breakdown of the detections (:mod:`sppdet.evaluation.errors`): ``breakdown``
+    when given, else computed here from the detections and the split the report is given (the same
+    detections, in the same order, as the results files ``sppdet eval`` scores): (its JSON, the
+    figure, ``out/error_breakdown.json``)."""
+    import dataclasses
     import json
 
     from .evaluation.errors import error_breakdown_from_detections
@@ -370,9 +374,11 @@ def _error_breakdown(out: Path, figs: Path, result, dataset, detections: Mapping
 
     metric = result.metric if result.metric in ("voc07", "voc12") else "voc07"
     scored = [c for c in classes if c in result.per_class] or list(classes)
-    b = error_breakdown_from_detections(dataset, detections, classes, metric=metric)
-    b.per_class = {c: b.per_class[c] for c in scored}
-    log.info("%s", b.summary())
+    b = breakdown
+    if b is None:
+        b = error_breakdown_from_detections(dataset, detections, classes, metric=metric)
+        log.info("%s", b.summary())
+    b = dataclasses.replace(b, per_class={c: b.per_class[c] for c in scored})
     data = b.to_json()
     js = out / ERRORS_JSON
     atomic_write_text(js, json.dumps(data, indent=1) + "\n")

@@ -283,14 +283,18 @@ def test_amp_is_a_no_op_on_the_cpu(amp):
         assert torch.equal(ma, mb)
 
 
-def test_storage_cast_on_the_device_equals_the_host_cast():
-    """The accelerator branch of the cache cast (range check, clamp, cast, then the transfer) gives
-    the bits of the host branch; run here on a CPU tensor, whose arithmetic is the same."""
+def test_storage_cast_equals_a_numpy_clamp_and_cast():
+    """The cache cast (range check, clamp, cast where the map is, then the transfer) gives the
+    bits of the obvious host computation: clip to float16's range, round to float16."""
     ex = FeatureExtractor(build_backbone("zf5", "random"), scales=(96,), cache_dir=None, memory_cache=0)
     g = torch.Generator().manual_seed(0)
     fmap = torch.randn(8, 5, 7, generator=g) * 3000
-    fmap[0, 0, 0] = 1e6                                 # beyond float16: clamped by both
-    assert torch.equal(ex._to_storage_device(fmap), ex._to_storage(fmap))
+    fmap[0, 0, 0] = 1e6                                 # beyond float16: clamped
+    big = float(np.finfo(np.float16).max)
+    want = np.clip(fmap.numpy().astype(np.float32), -big, big).astype(np.float16)
+    got = ex._to_storage(fmap)
+    assert got.dtype == torch.float16 and got.device.type == "cpu"
+    assert np.array_equal(got.numpy().view(np.uint16), want.view(np.uint16))
 
 
 # ---------------------------------------------------------------------------

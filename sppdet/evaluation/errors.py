@@ -123,8 +123,24 @@ def devkit_overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(ok & ~np.isnan(ov), ov, -np.inf)
 
 
+class _Shares:
+    """:attr:`fp` and :attr:`fractions` of a breakdown's ``counts`` (error type -> false positives)."""
+
+    counts: dict[str, int]
+
+    @property
+    def fp(self) -> int:
+        return int(sum(self.counts.values()))
+
+    @property
+    def fractions(self) -> dict[str, float]:
+        """error type -> share of :attr:`fp` (NaN when there is no false positive)."""
+        fp = self.fp
+        return {k: (v / fp if fp else float("nan")) for k, v in self.counts.items()}
+
+
 @dataclass
-class ClassErrors:
+class ClassErrors(_Shares):
     """The breakdown of one class.
 
     Attributes:
@@ -151,16 +167,6 @@ class ClassErrors:
     ap_loc_fixed: float = float("nan")
     ranked: list[str] = field(default_factory=list, repr=False)
 
-    @property
-    def fp(self) -> int:
-        return int(sum(self.counts.values()))
-
-    @property
-    def fractions(self) -> dict[str, float]:
-        """error type -> share of :attr:`fp` (NaN when there is no false positive)."""
-        fp = self.fp
-        return {k: (v / fp if fp else float("nan")) for k, v in self.counts.items()}
-
     def to_json(self) -> dict[str, Any]:
         return {"npos": self.npos, "considered": self.considered, "tp": self.tp, "ignored": self.ignored,
                 "fp": self.fp, "counts": dict(self.counts), "fractions": _clean(self.fractions),
@@ -168,7 +174,7 @@ class ClassErrors:
 
 
 @dataclass
-class ErrorBreakdown:
+class ErrorBreakdown(_Shares):
     """The breakdown of a split: per class and overall (the sum of the classes' counts).
 
     Attributes:
@@ -187,15 +193,6 @@ class ErrorBreakdown:
     def counts(self) -> dict[str, int]:
         """error type -> false positives of that type over all classes."""
         return {k: int(sum(r.counts[k] for r in self.per_class.values())) for k in ERROR_TYPES}
-
-    @property
-    def fp(self) -> int:
-        return int(sum(self.counts.values()))
-
-    @property
-    def fractions(self) -> dict[str, float]:
-        fp = self.fp
-        return {k: (v / fp if fp else float("nan")) for k, v in self.counts.items()}
 
     def _mean(self, attr: str) -> float:
         vals = [getattr(r, attr) for r in self.per_class.values() if r.npos > 0]

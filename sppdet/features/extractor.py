@@ -273,21 +273,9 @@ class FeatureExtractor:
         return y.contiguous()
 
     def _to_storage(self, fmap: torch.Tensor) -> torch.Tensor:
-        if fmap.device.type != "cpu":
-            return self._to_storage_device(fmap)
-        t = fmap.detach().to("cpu", torch.float32)
-        if self._torch_dtype == torch.float16:
-            peak = float(t.abs().max()) if t.numel() else 0.0
-            if peak > _FLOAT16_MAX:
-                log.warning("conv5 values up to %.3g exceed float16's range; clipped in the cache "
-                            "(use cache_dtype float32 for this backbone)", peak)
-                t = t.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
-        return t.to(self._torch_dtype).contiguous()
-
-    def _to_storage_device(self, fmap: torch.Tensor) -> torch.Tensor:
-        """:meth:`_to_storage` of a map on an accelerator: the range check, clamp and cast to the
-        cache dtype run there and only the stored-dtype map crosses to the host (float16: half
-        the bytes).  The same values as casting on the host (IEEE round-to-nearest both ways)."""
+        """The map in the cache dtype, on the host.  The range check, clamp and cast run where the
+        map is, so from an accelerator only the stored-dtype map crosses (float16: half the
+        bytes); the same values as casting on the host (IEEE round-to-nearest both ways)."""
         t = fmap.detach().to(torch.float32)
         if self._torch_dtype == torch.float16:
             peak = float(t.abs().max()) if t.numel() else 0.0
