@@ -135,6 +135,8 @@ class BBoxRegConfig:
     enabled: bool = True
     min_iou: float = 0.6
     lam: float = 1000.0
+    max_pairs_per_class: int = 2000  # a class with more training pairs is fitted on a seeded uniform
+                                     # sample of this many (bounds memory: ~cap x K x 4 D bytes; 0: all)
 
 
 @dataclass
@@ -508,6 +510,7 @@ def validate(cfg: Config) -> None:
     # ---- box regression
     num("bbox_reg.min_iou", cfg.bbox_reg.min_iou, lo=0, hi=1, lo_open=True)
     num("bbox_reg.lam", cfg.bbox_reg.lam, lo=0)
+    num("bbox_reg.max_pairs_per_class", cfg.bbox_reg.max_pairs_per_class, lo=0, what=" (0: all)")
     # ---- test
     t = cfg.test
     num("test.nms", t.nms, lo=0, hi=1, lo_open=True)
