@@ -227,3 +227,168 @@ def test_reservoirs_of_shards_merge_to_the_one_stream_sample(cap):
         for a, b in zip(merged, one.arrays()):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(np.sum([s.seen for s in shards], axis=0), one.seen)
+
+
+# ---------------------------------------------------------------------------
+# SVM hard-negative caches: a byte budget
+
+from sklearn.svm import LinearSVC  # noqa: E402
+
+from sppdet.config import SVMConfig  # noqa: E402
+from sppdet.train import svm as svm_mod  # noqa: E402
+from sppdet.train.svm import KEY_STRIDE, HardNegativeMiner, SVMParams, WindowSet, train_svms  # noqa: E402
+
+
+def svm_images(seed, num_images=16, K=3, D=10, n_prop=50, sep=1.5):
+    """Blobs: a ground-truth window is its class mean + noise, a proposal the IoU-weighted mean of
+    its best class + noise (IoU drawn per class present)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(K, D)) * sep
+    images = []
+    for _ in range(num_images):
+        present = rng.choice(K, size=rng.integers(1, 3), replace=False)
+        feats, gtl, ious = [], [], []
+        for k in present:
+            feats.append(means[k] + 0.6 * rng.normal(size=D))
+            gtl.append(k)
+            iou = np.zeros(K)
+            iou[k] = 1.0
+            ious.append(iou)
+        for _ in range(n_prop):
+            iou = np.zeros(K)
+            iou[present] = rng.random(len(present)) ** 2
+            best = int(np.argmax(iou))
+            feats.append(iou[best] * means[best] + 0.6 * rng.normal(size=D))
+            gtl.append(-1)
+            ious.append(iou)
+        images.append(WindowSet(np.asarray(feats, np.float32) * 5.0 + 2.0, np.asarray(gtl),
+                                np.asarray(ious, np.float32)))
+    return images
+
+
+def reference_mining_with_budget(images, K, p, scale, budget_bytes):
+    """One pass of R-CNN mining (as the library documents it) and, after each image's retrains,
+    the budget rule written out: over budget, class k keeps the floor(R_k * room / R) negatives
+    its model scores highest (earlier on ties), in cache order, room = 0.9 budget / row bytes."""
+    D = images[0].features.shape[1]
+    retrain_images = p.retrain_images or max(1, round(len(images) / 10))
+    pos = {k: [ws.features[j] * np.float32(scale) for ws in images for j in range(len(ws.features))
+               if ws.gt_labels[j] == k] for k in range(K)}
+    W, b = np.zeros((D, K), np.float32), np.zeros(K, np.float32)
+    cache = {k: [] for k in range(K)}
+    trained, num_new, since = [False] * K, [0] * K, [0] * K
+    log, keys_after, bytes_after = [], [], []
+
+    def score(x, k):
+        return float(np.dot(x.astype(np.float64), W[:, k].astype(np.float64)) + float(b[k]))
+
+    def retrain(k, image):
+        X = np.array(pos[k] + [x for _, x in cache[k]])
+        y = np.array([1] * len(pos[k]) + [-1] * len(cache[k]))
+        clf = LinearSVC(loss="hinge", dual=True, C=p.C, class_weight={1: p.pos_weight, -1: 1.0},
+                        intercept_scaling=p.bias_multiplier, fit_intercept=True, tol=p.tol,
+                        max_iter=p.max_iter, random_state=p.seed).fit(X, y)
+        W[:, k], b[k] = clf.coef_[0], clf.intercept_[0]
+        trained[k], num_new[k], since[k] = True, 0, 0
+        log.append((image, k, "retrain", len(X)))
+
+    row = 4 * D + 8
+    for i, ws in enumerate(images):
+        sc = [[score(ws.features[j] * np.float32(scale), k) for k in range(K)] for j in range(len(ws.features))]
+        for k in range(K):
+            if not pos[k]:
+                continue
+            have = {key for key, _ in cache[k]}
+            for j in range(len(ws.features)):
+                if ws.max_iou[j, k] < p.neg_iou and ws.gt_labels[j] != k and sc[j][k] > p.hard_threshold:
+                    if i * KEY_STRIDE + j not in have:
+                        cache[k].append((i * KEY_STRIDE + j, ws.features[j] * np.float32(scale)))
+                        num_new[k] += 1
+            since[k] += 1
+        for k in range(K):
+            if pos[k] and num_new[k] and (not trained[k] or since[k] >= retrain_images):
+                retrain(k, i)
+                before = len(cache[k])
+                cache[k] = [(key, x) for key, x in cache[k] if score(x, k) >= p.evict_threshold]
+                if len(cache[k]) < before:
+                    log.append((i, k, "evict", before - len(cache[k])))
+        total = sum(len(c) for c in cache.values())
+        if total * row > budget_bytes:
+            room = int(0.9 * budget_bytes) // row
+            for k in range(K):
+                n_keep = len(cache[k]) * room // total
+                if n_keep < len(cache[k]):
+                    ranked = sorted(range(len(cache[k])), key=lambda m: (-score(cache[k][m][1], k), m))
+                    kept = sorted(ranked[:n_keep])
+                    log.append((i, k, "budget", len(cache[k]) - n_keep))
+                    cache[k] = [cache[k][m] for m in kept]
+        keys_after.append({k: [key for key, _ in cache[k]] for k in range(K)})
+        bytes_after.append(sum(len(c) for c in cache.values()) * row)
+    for k in range(K):
+        if pos[k] and cache[k]:
+            retrain(k, len(images))
+    return keys_after, log, W.copy(), b.copy()
+
+
+def test_svm_cache_budget_evicts_the_easiest_negatives_like_a_slow_reference():
+    K, D = 3, 10
+    images = svm_images(1, K=K, D=D)
+    budget_bytes = 90 * (4 * D + 8)                      # room for 90 cached negatives in all
+    p = SVMParams(C=1e-3, retrain_images=4, retrain_limit=0, cache_memory_gb=budget_bytes / 2 ** 30)
+    scale = feature_scale(np.concatenate([ws.features for ws in images]), p.feature_norm)
+    miner = HardNegativeMiner(K, p, scale, len(images))
+    for ws in images:
+        miner.add_positives(ws)
+    ref_keys, ref_log, ref_W, ref_b = reference_mining_with_budget(images, K, p, scale, budget_bytes)
+    for i, ws in enumerate(images):
+        miner.mine_image(i, ws)
+        assert miner.cache_bytes() <= budget_bytes, f"after image {i}"
+        held = sum(len(miner.negatives(k)[0]) for k in range(K)) * (4 * D + 8)
+        assert held == miner.cache_bytes()               # the count is the arrays' bytes
+        for k in range(K):
+            assert miner.negatives(k)[1].tolist() == ref_keys[i][k], f"class {k} after image {i}"
+            assert set(miner.negatives(k)[1].tolist()) == miner.states[k].key_set
+    svms, stats = miner.finish()
+    assert miner.events == ref_log
+    assert sum(e[2] == "budget" for e in ref_log) >= 3                      # the budget did bind
+    assert sum(stats[str(k)].get("evicted_budget", 0) for k in range(K)) > 0
+    np.testing.assert_allclose(svms.W, ref_W, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(svms.b, ref_b, rtol=1e-5, atol=1e-6)
+
+
+def test_svm_with_a_tiny_cache_budget_still_separates_an_easy_problem(monkeypatch):
+    K, D = 3, 10
+    images = svm_images(2, K=K, D=D, sep=4.0, num_images=20)
+    budget_bytes = 40 * (4 * D + 8)
+    held = []
+    real = HardNegativeMiner.retrain_due
+
+    def recording(self, image):
+        real(self, image)
+        held.append(self.cache_bytes())
+
+    monkeypatch.setattr(svm_mod.HardNegativeMiner, "retrain_due", recording)
+    p = SVMParams(C=1e-2, cache_memory_gb=budget_bytes / 2 ** 30)
+    svms, stats = train_svms(lambda i: images[i], len(images), K, p, progress=False)
+    assert len(held) == len(images) and max(held) <= budget_bytes
+    assert sum(stats[str(k)].get("evicted_budget", 0) for k in range(K)) > 0
+    # every class: its ground-truth windows score above every negative (IoU < 0.3) of it
+    for k in range(K):
+        s_pos, s_neg = [], []
+        for ws in images:
+            s = (ws.features * np.float32(svms.scale)) @ np.asarray(svms.W)[:, k] + np.asarray(svms.b)[k]
+            s_pos += list(s[ws.gt_labels == k])
+            s_neg += list(s[(ws.max_iou[:, k] < p.neg_iou) & (ws.gt_labels != k)])
+        assert min(s_pos) > max(s_neg), f"class {k}"
+
+
+def test_default_cache_budget_changes_nothing_on_small_data():
+    K = 3
+    images = svm_images(3, K=K)
+    assert SVMConfig().cache_memory_gb > 0
+    a, sa = train_svms(lambda i: images[i], len(images), K, SVMParams(), progress=False)
+    b, sb = train_svms(lambda i: images[i], len(images), K, SVMParams(cache_memory_gb=0.0), progress=False)
+    np.testing.assert_array_equal(np.asarray(a.W), np.asarray(b.W))
+    np.testing.assert_array_equal(np.asarray(a.b), np.asarray(b.b))
+    assert sa == sb or {k: {kk: v for kk, v in d.items() if kk != "time_s"} for k, d in sa.items() if k != "_total"} \
+        == {k: {kk: v for kk, v in d.items() if kk != "time_s"} for k, d in sb.items() if k != "_total"}
