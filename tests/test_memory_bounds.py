@@ -392,3 +392,53 @@ def test_default_cache_budget_changes_nothing_on_small_data():
     np.testing.assert_array_equal(np.asarray(a.b), np.asarray(b.b))
     assert sa == sb or {k: {kk: v for kk, v in d.items() if kk != "time_s"} for k, d in sa.items() if k != "_total"} \
         == {k: {kk: v for kk, v in d.items() if kk != "time_s"} for k, d in sb.items() if k != "_total"}
+
+
+# ---------------------------------------------------------------------------
+# Training windows: per-class IoU for the classes present only
+
+
+def dense_windows_reference(record, proposals, K):
+    """The former dense layout: [N, K] float32 IoU, int64 labels (as build_windows computed it)."""
+    from sppdet.boxes import box_iou
+
+    gt = record.boxes.astype(np.float32)
+    boxes = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
+    iou_all = box_iou(boxes, gt).astype(np.float32)
+    iou = np.zeros((len(boxes), K), np.float32)
+    for c in np.unique(record.labels):
+        iou[:, c] = iou_all[:, record.labels == c].max(axis=1)
+    gt_labels = np.concatenate([record.labels, np.full(len(boxes) - len(gt), -1, np.int64)])
+    if len(gt):
+        best_gt = iou_all.argmax(axis=1)
+        return boxes, gt_labels, iou, iou_all[np.arange(len(boxes)), best_gt], record.labels[best_gt], best_gt
+    n = len(boxes)
+    return boxes, gt_labels, iou, np.zeros(n, np.float32), np.full(n, -1, np.int64), np.full(n, -1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compact_windows_equal_the_dense_layout_exactly(seed):
+    rng = np.random.default_rng(seed)
+    K = 20
+    xy = rng.uniform(0, 200, (4, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(20, 90, (4, 2))], 1).astype(np.float32)
+    gt = np.concatenate([gt, gt[:1]])                   # the same box twice, with two labels (IoU ties)
+    labels = np.array([3, 17, 3, 0, 9])
+    rec = ImageRecord("t", "t.jpg", 400, 400, gt, labels)
+    wh = np.concatenate([gt[:, 2:] - gt[:, :2]] * 2, 1)
+    props = np.concatenate([gt[rng.integers(0, 5, 300)] + rng.normal(0, 0.2, (300, 4)) * wh[rng.integers(0, 5, 300)],
+                            [[gt[0, 0], gt[0, 1], gt[0, 0] + 0.5 * (gt[0, 2] - gt[0, 0]), gt[0, 3]]]])
+    props[:, 2:] = np.maximum(props[:, 2:], props[:, :2] + 1)
+    w = build_windows(7, rec, props, K)
+    boxes, gt_labels, iou, max_iou, best_label, best_gt = dense_windows_reference(rec, props, K)
+    np.testing.assert_array_equal(w.boxes, boxes)
+    np.testing.assert_array_equal(w.gt_labels, gt_labels)
+    assert w.gt_labels.dtype == np.int64 and w.best_label.dtype == np.int64 and w.iou.dtype == np.float32
+    np.testing.assert_array_equal(w.iou, iou)
+    np.testing.assert_array_equal(w.max_iou, max_iou)
+    np.testing.assert_array_equal(w.best_label, best_label)
+    np.testing.assert_array_equal(w.best_gt, best_gt)
+    assert abs(w.iou[-1, 3] - 0.5) < 1e-6 and w.iou[-1, 9] == w.iou[-1, 3]   # at a threshold, tied: exact
+    # 4 classes present of 20: 24 + 4 * 4 bytes a window instead of 124
+    assert w.nbytes <= len(w) * (24 + 4 * 4) + 8 * 4
+    assert w.nbytes * 3 < len(w) * 124
