@@ -442,3 +442,32 @@ def test_compact_windows_equal_the_dense_layout_exactly(seed):
     # 4 classes present of 20: 24 + 4 * 4 bytes a window instead of 124
     assert w.nbytes <= len(w) * (24 + 4 * 4) + 8 * 4
     assert w.nbytes * 3 < len(w) * 124
+
+
+# ---------------------------------------------------------------------------
+# Box regression on two ranks with the cap binding: the one-process sample and fit, bit for bit
+
+
+def _capped_bbox_job(rank, out_dir, cap):
+    import torch
+
+    torch.set_num_threads(1)
+    windows, fn, calls = make_images(K=4, n_images=15)
+    reg = train_bbox_regressors_on_windows(fn, windows, 4, lam=10.0, max_pairs_per_class=cap, seed=5,
+                                           progress=False)
+    return {"state": {k: np.asarray(v).tolist() for k, v in reg.state_dict().items()}, "rows": int(sum(calls))}
+
+
+def test_capped_bbox_regression_on_two_ranks_equals_one_process(tmp_path):
+    from test_distributed import _run_two
+
+    cap = 12                                           # >= min_samples (10): fitted, not identity
+    r0, r1 = _run_two(_capped_bbox_job, tmp_path, cap)
+    windows, fn, calls = make_images(K=4, n_images=15)
+    assert np.bincount(all_pairs(windows, fn, 0.6)[5]).max() > cap
+    calls.clear()
+    reg = train_bbox_regressors_on_windows(fn, windows, 4, lam=10.0, max_pairs_per_class=cap, seed=5, progress=False)
+    want = {k: np.asarray(v).tolist() for k, v in reg.state_dict().items()}
+    assert r0["state"] == want and r1["state"] == want
+    assert r0["rows"] + r1["rows"] >= sum(calls)       # each rank samples its own share
+    assert np.abs(np.asarray(want["W"])).max() > 0
