@@ -126,6 +126,8 @@ class SVMConfig:
     max_iter: int = 10000
     neg_overlap_dedupe: float | None = None  # drop a negative overlapping a higher-scoring negative of the
                                              # same image by IoU > this (the paper: 0.7; null or 0: off)
+    cache_memory_gb: float = 4.0     # all classes' hard-negative caches together stay within this (GiB); over
+                                     # it, each class's easiest cached negatives go, proportionally (0: no cap)
 
 
 @dataclass
@@ -135,6 +137,8 @@ class BBoxRegConfig:
     enabled: bool = True
     min_iou: float = 0.6
     lam: float = 1000.0
+    max_pairs_per_class: int = 2000  # a class with more training pairs is fitted on a seeded uniform
+                                     # sample of this many (bounds memory: ~cap x K x 4 D bytes; 0: all)
 
 
 @dataclass
@@ -503,11 +507,13 @@ def validate(cfg: Config) -> None:
     num("svm.passes", sv.passes, lo=1)
     num("svm.tol", sv.tol, lo=0, lo_open=True)
     num("svm.max_iter", sv.max_iter, lo=1)
+    num("svm.cache_memory_gb", sv.cache_memory_gb, lo=0, what=" (0: no cap)")
     if sv.neg_overlap_dedupe is not None:
         num("svm.neg_overlap_dedupe", sv.neg_overlap_dedupe, lo=0, hi=1, hi_open=True, what=" (0 or null: off)")
     # ---- box regression
     num("bbox_reg.min_iou", cfg.bbox_reg.min_iou, lo=0, hi=1, lo_open=True)
     num("bbox_reg.lam", cfg.bbox_reg.lam, lo=0)
+    num("bbox_reg.max_pairs_per_class", cfg.bbox_reg.max_pairs_per_class, lo=0, what=" (0: all)")
     # ---- test
     t = cfg.test
     num("test.nms", t.nms, lo=0, hi=1, lo_open=True)

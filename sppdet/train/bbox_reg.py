@@ -144,20 +144,260 @@ def train_bbox_regressors(features: np.ndarray, proposals: np.ndarray, targets: 
     return BBoxRegressors(W, b, mean, std, scale)
 
 
+# ---------------------------------------------------------------------------
+# Bounded memory: a seeded sample of at most ``cap`` pairs per class
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic)."""
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def pair_keys(seed: int, image: int, windows: np.ndarray) -> np.ndarray:
+    """Pseudo-random uint64 keys of the pairs ``(image, window)``: a function of the seed and the
+    pair only (not of the order images are seen in, nor of which rank sees them).
+
+    Keeping the ``cap`` pairs of a class with the smallest ``(key, image, window)`` is a uniform
+    random sample of that class's pairs without replacement ("bottom-k" sampling), and the
+    bottom-k of a union is the bottom-k of the parts' bottom-k: ranks sample independently and
+    merge exactly.
+    """
+    w = np.asarray(windows, dtype=np.int64).astype(np.uint64)
+    s = _splitmix64(np.array([np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)]))[0]
+    return _splitmix64(((np.uint64(int(image)) << np.uint64(32)) | w) ^ s)
+
+
+class PairReservoir:
+    """The box-regression pairs of a stream of images, at most ``cap`` per class (``cap`` 0: all).
+
+    Per class, the pairs with the smallest ``(key, image, window)`` (:func:`pair_keys`) seen so
+    far, with their raw features, proposals and target boxes; the features of a pair that cannot
+    enter are never computed.  Memory: at most ``cap`` rows per class (allocated as they come),
+    i.e. ``cap * K * (4 D + 88)`` bytes, whatever the number of images.  When no class has more
+    than ``cap`` pairs, :meth:`arrays` returns every pair in image order, exactly what holding
+    them all gives.
+    """
+
+    def __init__(self, num_classes: int, cap: int = 0, seed: int = 0) -> None:
+        self.K = int(num_classes)
+        self.cap = int(cap)
+        self.seed = int(seed)
+        if self.cap < 0:
+            raise ValueError(f"PairReservoir: cap must be >= 0, got {cap}")
+        self.seen = np.zeros(self.K, np.int64)          # pairs of each class in the stream
+        self.n = np.zeros(self.K, np.int64)             # pairs held
+        self._keys = [np.zeros(0, np.uint64) for _ in range(self.K)]
+        self._img = [np.zeros(0, np.int64) for _ in range(self.K)]
+        self._win = [np.zeros(0, np.int64) for _ in range(self.K)]
+        self._x: list[np.ndarray | None] = [None] * self.K
+        self._prop = [np.zeros((0, 4), np.float32) for _ in range(self.K)]
+        self._targ = [np.zeros((0, 4), np.float32) for _ in range(self.K)]
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of the arrays held (allocated capacity included)."""
+        total = 0
+        for k in range(self.K):
+            for a in (self._keys[k], self._img[k], self._win[k], self._prop[k], self._targ[k], self._x[k]):
+                if a is not None:
+                    total += a.nbytes
+        return total
+
+    def _worst(self, k: int) -> tuple[int, int, int] | None:
+        """The largest ``(key, image, window)`` held by class k when it is full, else None."""
+        if not self.cap or self.n[k] < self.cap:
+            return None
+        n = int(self.n[k])
+        keys, img, win = self._keys[k][:n], self._img[k][:n], self._win[k][:n]
+        j = np.lexsort((win, img, keys))[-1]
+        return int(keys[j]), int(img[j]), int(win[j])
+
+    @staticmethod
+    def _below(keys, img, win, bound: tuple[int, int, int] | None) -> np.ndarray:
+        """Mask of the triples lexicographically below ``bound`` (all when None)."""
+        if bound is None:
+            return np.ones(len(keys), bool)
+        bk, bi, bw = np.uint64(bound[0]), bound[1], bound[2]
+        return (keys < bk) | ((keys == bk) & ((img < bi) | ((img == bi) & (win < bw))))
+
+    # -- the stream ----------------------------------------------------------------
+    def add_image(self, image: int, windows: np.ndarray, proposals: np.ndarray, targets: np.ndarray,
+                  labels: np.ndarray, feature_fn: Callable[[np.ndarray], np.ndarray]) -> int:
+        """Offer one image's pairs; ``feature_fn(window_indices) -> [m, D]`` is called once, on the
+        pairs that enter (in window order).  Returns how many entered."""
+        windows = np.asarray(windows, np.int64)
+        labels = np.asarray(labels, np.int64)
+        if len(windows) == 0:
+            return 0
+        if labels.min() < 0 or labels.max() >= self.K:
+            raise ValueError(f"image {image}: regression pair label out of range for {self.K} classes")
+        keys = pair_keys(self.seed, image, windows)
+        img = np.full(len(windows), int(image), np.int64)
+        enter = np.zeros(len(windows), bool)
+        for k in np.unique(labels):
+            m = labels == k
+            self.seen[k] += int(m.sum())
+            enter[m] = self._below(keys[m], img[m], windows[m], self._worst(int(k)))
+        sel = np.flatnonzero(enter)
+        if len(sel) == 0:
+            return 0
+        x = feature_fn(windows[sel])
+        x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        x = x.astype(np.float32, copy=False).reshape(len(sel), -1)
+        self._insert(keys[sel], img[sel], windows[sel], x, np.asarray(proposals, np.float32)[sel],
+                     np.asarray(targets, np.float32)[sel], labels[sel])
+        return len(sel)
+
+    def _insert(self, keys, img, win, x, prop, targ, labels) -> None:
+        D = x.shape[1]
+        for k in np.unique(labels):
+            k = int(k)
+            m = np.flatnonzero(labels == k)
+            if self._x[k] is None:
+                self._x[k] = np.zeros((0, D), np.float32)
+            elif self._x[k].shape[1] != D:
+                raise ValueError(f"feature dimension changed from {self._x[k].shape[1]} to {D}")
+            n = int(self.n[k])
+            # keep the (at most cap) smallest triples of held + new
+            all_keys = np.concatenate([self._keys[k][:n], keys[m]])
+            all_img = np.concatenate([self._img[k][:n], img[m]])
+            all_win = np.concatenate([self._win[k][:n], win[m]])
+            if self.cap and len(all_keys) > self.cap:
+                order = np.lexsort((all_win, all_img, all_keys))[: self.cap]
+                keep = np.zeros(len(all_keys), bool)
+                keep[order] = True
+            else:
+                keep = np.ones(len(all_keys), bool)
+            old_out = np.flatnonzero(~keep[:n])             # held rows to overwrite
+            new_in = m[keep[n:]]                            # new pairs that stay
+            slots = np.concatenate([old_out, np.arange(n, n + max(0, len(new_in) - len(old_out)))])[: len(new_in)]
+            need = n + max(0, len(new_in) - len(old_out))
+            self._grow(k, need, D)
+            self._keys[k][slots] = keys[new_in]
+            self._img[k][slots] = img[new_in]
+            self._win[k][slots] = win[new_in]
+            self._x[k][slots] = x[new_in]
+            self._prop[k][slots] = prop[new_in]
+            self._targ[k][slots] = targ[new_in]
+            self.n[k] = need
+
+    def _grow(self, k: int, need: int, D: int) -> None:
+        have = len(self._keys[k])
+        if need <= have:
+            return
+        new = max(need, min(2 * have, self.cap) if self.cap else 2 * have, 16)
+        if self.cap:
+            new = min(new, self.cap)
+
+        def grown(a, shape, dtype):
+            b = np.zeros(shape, dtype)
+            b[: len(a)] = a
+            return b
+
+        self._keys[k] = grown(self._keys[k], (new,), np.uint64)
+        self._img[k] = grown(self._img[k], (new,), np.int64)
+        self._win[k] = grown(self._win[k], (new,), np.int64)
+        self._x[k] = grown(self._x[k], (new, D), np.float32)
+        self._prop[k] = grown(self._prop[k], (new, 4), np.float32)
+        self._targ[k] = grown(self._targ[k], (new, 4), np.float32)
+
+    # -- merging (several ranks) -------------------------------------------------------
+    def summary(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per class the held ``(keys, images, windows)`` (small: for :func:`merge_bounds`)."""
+        return [(self._keys[k][: self.n[k]].copy(), self._img[k][: self.n[k]].copy(),
+                 self._win[k][: self.n[k]].copy()) for k in range(self.K)]
+
+    def restrict(self, bounds: Sequence[tuple[int, int, int] | None]) -> None:
+        """Drop the held pairs above each class's bound (inclusive bound: the bound itself stays)."""
+        for k, bound in enumerate(bounds):
+            if bound is None or self.n[k] == 0:
+                continue
+            n = int(self.n[k])
+            keys, img, win = self._keys[k][:n], self._img[k][:n], self._win[k][:n]
+            bk, bi, bw = np.uint64(bound[0]), bound[1], bound[2]
+            keep = np.flatnonzero((keys < bk) | ((keys == bk) & ((img < bi) | ((img == bi) & (win <= bw)))))
+            for name in ("_keys", "_img", "_win", "_x", "_prop", "_targ"):
+                getattr(self, name)[k] = getattr(self, name)[k][keep].copy()
+            self.n[k] = len(keep)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(images, windows, features [M, D] float32, proposals [M, 4], targets [M, 4], labels)`` of
+        every held pair, sorted by ``(image, window)`` (one copy of the features)."""
+        return _sorted_pairs([(self._img[k][: self.n[k]], self._win[k][: self.n[k]], self._x[k][: self.n[k]],
+                               self._prop[k][: self.n[k]], self._targ[k][: self.n[k]],
+                               np.full(int(self.n[k]), k, np.int64)) for k in range(self.K) if self.n[k]])
+
+
+def _sorted_pairs(parts):
+    """Concatenate ``(images, windows, features, proposals, targets, labels)`` parts, sorted by
+    ``(image, window)``, writing each part's rows straight to their place (one copy)."""
+    if not parts:
+        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
+                np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    img = np.concatenate([p[0] for p in parts])
+    win = np.concatenate([p[1] for p in parts])
+    order = np.lexsort((win, img))
+    where = np.empty(len(order), np.int64)
+    where[order] = np.arange(len(order))               # row j of the concatenation goes to where[j]
+    out = [img[order], win[order]]
+    for i in range(2, 6):
+        first = parts[0][i]
+        a = np.empty((len(order),) + first.shape[1:], first.dtype)
+        start = 0
+        for p in parts:
+            a[where[start:start + len(p[i])]] = p[i]
+            start += len(p[i])
+        out.append(a)
+    return tuple(out)
+
+
+def merge_bounds(summaries: Sequence[list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+                 cap: int) -> list[tuple[int, int, int] | None]:
+    """Per class, the ``cap``-th smallest ``(key, image, window)`` over several reservoirs'
+    :meth:`PairReservoir.summary` (None: keep all): after :meth:`PairReservoir.restrict` to these
+    bounds the reservoirs together hold exactly the bottom-``cap`` of the union of their streams."""
+    K = len(summaries[0]) if summaries else 0
+    out: list[tuple[int, int, int] | None] = []
+    for k in range(K):
+        keys = np.concatenate([s[k][0] for s in summaries])
+        img = np.concatenate([s[k][1] for s in summaries])
+        win = np.concatenate([s[k][2] for s in summaries])
+        if not cap or len(keys) <= cap:
+            out.append(None)
+            continue
+        j = np.lexsort((win, img, keys))[cap - 1]
+        out.append((int(keys[j]), int(img[j]), int(win[j])))
+    return out
+
+
 def train_bbox_regressors_on_windows(feature_fn: Callable, windows: Sequence, num_classes: int, *,
                                      min_iou: float = 0.6, lam: float = 1000.0,
+                                     max_pairs_per_class: int = 0, seed: int = 0,
                                      class_names: list[str] | None = None,
                                      progress: bool = True) -> BBoxRegressors:
     """The box-regression stage of ``sppdet train``: pairs of every training image, then one fit.
 
     For each image, the proposals (windows that are not ground-truth boxes) with
     IoU >= ``min_iou`` to a ground-truth box (:func:`select_regression_pairs`) and their
-    raw pooled features; then :func:`train_bbox_regressors` on all of them, in image order.
+    raw pooled features; then :func:`train_bbox_regressors` on them, in image order.
+
+    Memory does not grow with the number of images: with ``max_pairs_per_class`` (``cap``) > 0
+    a class keeps a seeded uniform sample of ``cap`` of its pairs (:class:`PairReservoir`:
+    bottom-``cap`` by a hash of ``(seed, image, window)``, so the sample does not depend on the
+    order of the images or on how they are split between ranks), and the features of a pair
+    that cannot enter the sample are never computed.  A class with at most ``cap`` pairs keeps
+    them all: when no class exceeds the cap, the regressors are exactly those of fitting every
+    pair.  ``cap`` 0 keeps every pair (memory grows with the data).
 
     Several processes (a ``torch.distributed`` group): image ``i`` belongs to rank
-    ``i mod W`` (:func:`sppdet.utils.dist.shard`), which computes its pairs' features;
-    rank 0 gathers them (positives only: the training set one process holds), fits once and
-    broadcasts the regressors, so every rank returns the one-process result.
+    ``i mod W`` (:func:`sppdet.utils.dist.shard`), which samples its own pairs; the ranks'
+    samples are cut to the global bottom-``cap`` (:func:`merge_bounds`, keys only), rank 0
+    gathers what is left, fits once and broadcasts the regressors, so every rank returns the
+    one-process result, bit for bit.
 
     Args:
         feature_fn: ``(image_index, window_indices, flip) -> Tensor[n, D]`` raw pooled features.
@@ -165,6 +405,8 @@ def train_bbox_regressors_on_windows(feature_fn: Callable, windows: Sequence, nu
             is the image index ``feature_fn`` takes).
         num_classes: K.
         min_iou, lam: as :func:`select_regression_pairs` / :func:`train_bbox_regressors`.
+        max_pairs_per_class: the cap (0: no cap).
+        seed: the sample's seed.
         class_names: for log messages.
         progress: show a progress bar.
 
@@ -175,8 +417,9 @@ def train_bbox_regressors_on_windows(feature_fn: Callable, windows: Sequence, nu
     from ..utils.dist import DistributedError
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    names = class_names or [str(k) for k in range(num_classes)]
     err: BaseException | None = None
-    mine: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    res = PairReservoir(num_classes, max_pairs_per_class, seed)
     try:
         for w in _progress(dist.shard(list(windows)), desc="bbox-reg features", unit="img",
                            disable=None if progress else True):
@@ -185,30 +428,40 @@ def train_bbox_regressors_on_windows(feature_fn: Callable, windows: Sequence, nu
             if len(idx) == 0:
                 continue
             win = is_prop[idx]
-            x = feature_fn(w.index, win, False)
-            x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-            mine.append((int(w.index), x.astype(np.float32), w.boxes[win], tb, lab))
+            res.add_image(int(w.index), win, w.boxes[win], tb, lab,
+                          lambda sel, i=int(w.index): feature_fn(i, sel, False))
     except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
         err = e
     dist.raise_if_any(err)
-    parts = dist.gather_object(mine)
-    del mine
+    seen = res.seen
+    if world > 1:
+        # cut every rank's sample to the global bottom-cap (keys only travel), then gather
+        summaries = dist.all_gather_object((res.seen, res.summary()))
+        seen = np.sum([s[0] for s in summaries], axis=0)
+        res.restrict(merge_bounds([s[1] for s in summaries], max_pairs_per_class))
+        del summaries
+    parts = dist.gather_object(res.arrays())
+    del res
     result = None
     if rank == 0:
         try:
             assert parts is not None
-            pairs = sorted((p for part in parts for p in part), key=lambda t: t[0])
-            if not pairs:
+            parts = [p for p in parts if len(p[0])]
+            img, _, X, P, T, L = parts[0] if len(parts) == 1 else _sorted_pairs(parts)
+            parts = None
+            if not len(img):
                 raise SppdetError("box regression: no proposal overlaps a ground-truth box by "
                                   f"IoU >= {min_iou}; disable bbox_reg or check the proposals")
-            reg = train_bbox_regressors(np.concatenate([p[1] for p in pairs]), np.concatenate([p[2] for p in pairs]),
-                                        np.concatenate([p[3] for p in pairs]), np.concatenate([p[4] for p in pairs]),
-                                        num_classes, lam=lam, class_names=class_names)
+            for k in range(num_classes):
+                if max_pairs_per_class and seen[k] > max_pairs_per_class:
+                    logger.info("bbox regression %s: %d pairs, a seeded sample of %d used "
+                                "(bbox_reg.max_pairs_per_class)", names[k], int(seen[k]), max_pairs_per_class)
+            reg = train_bbox_regressors(X, P, T, L, num_classes, lam=lam, class_names=class_names)
             result = ("ok", reg.state_dict() if world > 1 else reg)
         except Exception as e:  # noqa: BLE001
             err = e
             result = ("failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
-    del parts
+    parts = None
     if world > 1:
         result = dist.broadcast_object(result)
     assert result is not None

@@ -268,7 +268,7 @@ class Pipeline:
         # ---- box regression
         reg_state = None
         if cfg.bbox_reg.enabled:
-            reg_key = stable_hash([feat_key, dataclasses.asdict(cfg.bbox_reg)])
+            reg_key = stable_hash([feat_key, dataclasses.asdict(cfg.bbox_reg), cfg.seed])
             reg_state = self._load_stage_all("bbox_reg", reg_key)
             if reg_state is None:
                 reg = self._timed("bbox_reg", lambda: self._train_bbox_reg(cfg, feats, windows, K, classes))
@@ -432,7 +432,8 @@ class Pipeline:
     @torch.no_grad()
     def _train_bbox_reg(self, cfg, feats, windows, K, classes):
         return train_bbox_regressors_on_windows(feats, windows, K, min_iou=cfg.bbox_reg.min_iou, lam=cfg.bbox_reg.lam,
-                                                class_names=classes, progress=self.show_progress)
+                                                max_pairs_per_class=cfg.bbox_reg.max_pairs_per_class,
+                                                seed=cfg.seed, class_names=classes, progress=self.show_progress)
 
 
 def train(cfg: Config, run_dir: str | Path, *, data_root: str | None = None, show_progress: bool = True) -> Path:

@@ -88,6 +88,11 @@ class SVMParams(SVMConfig):
             hard negatives one image gives a class, a window overlapping (IoU > this) a
             higher-scoring one is dropped (see :func:`dedupe_negatives`); needs
             ``WindowSet.boxes``.
+        cache_memory_gb: byte budget (GiB) of all classes' negative caches together (features
+            and keys); when a mined image takes the caches over it, every class keeps its
+            highest-scoring (hardest) cached negatives, the same fraction of each class's cache,
+            so that the total is 90% of the budget (see :meth:`HardNegativeMiner.enforce_budget`);
+            0: no cap.
         device: torch device for the torch solver ("auto", "cpu", "cuda", ...).
         seed: random state (liblinear's coordinate order, subsampling).
     """
@@ -105,6 +110,8 @@ class SVMParams(SVMConfig):
             raise ValueError("SVMParams: evict_threshold must be <= hard_threshold")
         if self.solver not in ("liblinear", "torch"):
             raise ValueError(f"SVMParams.solver: expected 'liblinear' or 'torch', got {self.solver!r}")
+        if self.cache_memory_gb < 0:
+            raise ValueError(f"SVMParams.cache_memory_gb: expected >= 0, got {self.cache_memory_gb}")
         if self.passes < 1 or self.retrain_images < 0 or self.retrain_limit < 0 or self.max_negatives_first < 0:
             raise ValueError("SVMParams: passes >= 1; retrain_images, retrain_limit, max_negatives_first >= 0")
         if self.neg_overlap_dedupe is not None and not 0 <= self.neg_overlap_dedupe < 1:
@@ -405,6 +412,7 @@ class _ClassState:
     retrains: int = 0
     added: int = 0
     evicted: int = 0
+    evicted_budget: int = 0                                  # of which for svm.cache_memory_gb
     time_s: float = 0.0
     objective: float = float("nan")
     hinge: float = float("nan")
@@ -449,7 +457,7 @@ class HardNegativeMiner:
         self.W: np.ndarray | None = None   # float32 [D, K]
         self.b = np.zeros(self.K, dtype=np.float32)
         self.dim: int | None = None
-        self.events: list[tuple[int, int, str, int]] = []   # (image, class, "retrain"|"evict", count)
+        self.events: list[tuple[int, int, str, int]] = []   # (image, class, "retrain"|"evict"|"budget", count)
         self.has_pos = np.zeros(self.K, dtype=bool)          # classes with at least one positive
         self._changed: set[int] = set()                      # classes retrained since take_model_changes
 
@@ -564,6 +572,62 @@ class HardNegativeMiner:
             if due:
                 self._retrain(k, image)
                 self._evict(k, image)
+        self.enforce_budget(image)
+
+    # -- the byte budget of the caches ----------------------------------------------------
+    #: after an eviction for the budget the caches hold this fraction of it (so that eviction
+    #: does not run again at the next image)
+    BUDGET_LOW_WATER = 0.9
+
+    def cache_bytes(self) -> int:
+        """Bytes the negative caches hold: features and keys, merged or not (the per-class Python
+        sets of keys, ~70 B a negative, come on top)."""
+        total = 0
+        for st in self.states:
+            if st.neg_x is not None:
+                total += st.neg_x.nbytes
+            total += st.neg_keys.nbytes + sum(a.nbytes for a in st.new_x) + sum(a.nbytes for a in st.new_keys)
+        return total
+
+    def enforce_budget(self, image: int = -1) -> int:
+        """Evict the easiest cached negatives when the caches hold more than ``cache_memory_gb``.
+
+        The caches are cut to :data:`BUDGET_LOW_WATER` of the budget: with ``R`` cached rows in
+        all and room for ``B`` rows, class ``k`` keeps ``floor(R_k * B / R)`` of its ``R_k``: those
+        its current model scores highest (ties: the earlier in the cache), in cache order.
+        Returns the number evicted.
+        """
+        budget = int(float(self.params.cache_memory_gb) * 2 ** 30)
+        if budget <= 0 or self.dim is None or self.cache_bytes() <= budget:
+            return 0
+        for st in self.states:
+            self._merge(st)
+        row_bytes = 4 * self.dim + 8
+        rows = np.array([0 if st.neg_x is None else len(st.neg_x) for st in self.states], np.int64)
+        room = int(self.BUDGET_LOW_WATER * budget) // row_bytes
+        total = int(rows.sum())
+        out = 0
+        for k, st in enumerate(self.states):
+            if rows[k] == 0:
+                continue
+            n_keep = int(rows[k]) * room // total
+            if n_keep >= rows[k]:
+                continue
+            s = st.neg_x @ self.W[:, k] + self.b[k]
+            keep = np.sort(np.argsort(-s, kind="stable")[:n_keep])
+            mask = np.zeros(len(s), bool)
+            mask[keep] = True
+            st.key_set.difference_update(st.neg_keys[~mask].tolist())
+            st.neg_x = st.neg_x[keep]
+            st.neg_keys = st.neg_keys[keep]
+            n_out = int(rows[k]) - n_keep
+            st.evicted += n_out
+            st.evicted_budget += n_out
+            out += n_out
+            self.events.append((image, k, "budget", n_out))
+        logger.debug("svm caches over svm.cache_memory_gb after image %d: %d easiest negatives evicted",
+                     image, out)
+        return out
 
     # -- the models, shared between processes ------------------------------------
     def take_model_changes(self) -> dict | None:
@@ -655,6 +719,8 @@ class HardNegativeMiner:
             stats[name] = {"positives": n_pos, "negatives": negs, "added": st.added, "evicted": st.evicted,
                            "retrains": st.retrains, "objective": st.objective, "hinge_loss": st.hinge,
                            "time_s": round(st.time_s, 3)}
+            if st.evicted_budget:
+                stats[name]["evicted_budget"] = st.evicted_budget
             if n_pos:
                 logger.info("svm %s: %d pos, %d neg cached (%d added, %d evicted), %d retrains, "
                             "objective %.5g, hinge %.4f, %.2f s", name, n_pos, negs, st.added, st.evicted,
