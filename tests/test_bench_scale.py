@@ -72,6 +72,9 @@ def test_projection_of_exactly_linear_runs():
     per = [(10 + 3 * n) / n for n in (25, 50, 100)]
     assert lin["train_total"]["spread"] == pytest.approx((max(per) - min(per)) / (sum(per) / 3), abs=1e-4)
     assert out["memory"]["ratio_last_to_first"] == pytest.approx(1100 / 1025, abs=1e-4)
+    assert p["peak_rss_mb_measured_max"] == 1100.0                       # the largest run's, as measured
+    assert p["peak_rss_mb_linear"] == pytest.approx(1000.0 + 5011, abs=0.1)   # the line, at the larger share
+    assert "peak_rss_mb" not in p and "upper bound" in p["method"]
 
 
 def test_subset_lists_the_first_images_and_writes_nothing_into_the_dataset(tmp_path):

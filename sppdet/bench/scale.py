@@ -262,10 +262,14 @@ def summarise(runs: list[dict[str, Any]], *, project_images: int, train_fraction
     return {
         "projection": {"images": int(project_images), "hours": round(total / 3600.0, 3), "cache_gb": round(cache_gb, 3),
                        "train_images": p_train, "test_images": p_test, "seconds": proj_seconds,
-                       "peak_rss_mb": round(mf["intercept"] + mf["slope"] * max(p_train, p_test), 1),
+                       "peak_rss_mb_measured_max": round(max(rss), 1),
+                       "peak_rss_mb_linear": round(mf["intercept"] + mf["slope"] * max(p_train, p_test), 1),
                        "method": "least squares seconds = a + b N per stage over the runs; training stages "
                                  "at train_images, test stages (test_*, eval_total) at test_images; hours = "
-                                 "(train_total + eval_total) / 3600; cache_gb from cache_mb = a + b (2 N) at images"},
+                                 "(train_total + eval_total) / 3600; cache_gb from cache_mb = a + b (2 N) at images; "
+                                 "peak_rss_mb_linear: a straight line through the runs' peaks, an upper bound and "
+                                 "not a prediction (features.pooled_memory_gb, svm.cache_memory_gb and "
+                                 "bbox_reg.max_pairs_per_class cap what the stages hold once N fills them)"},
         "linearity": lin,
         "memory": {"peak_rss_mb": rss, "ratio_last_to_first": round(rss[-1] / rss[0], 4) if rss[0] else None,
                    "slope_mb_per_image": round(mf["slope"], 4), "r2": round(mf["r2"], 6)},
