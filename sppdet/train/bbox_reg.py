@@ -217,12 +217,14 @@ class PairReservoir:
         return int(keys[j]), int(img[j]), int(win[j])
 
     @staticmethod
-    def _below(keys, img, win, bound: tuple[int, int, int] | None) -> np.ndarray:
-        """Mask of the triples lexicographically below ``bound`` (all when None)."""
+    def _below(keys, img, win, bound: tuple[int, int, int] | None, inclusive: bool = False) -> np.ndarray:
+        """Mask of the triples lexicographically below ``bound`` (or equal to it, ``inclusive``;
+        all when None)."""
         if bound is None:
             return np.ones(len(keys), bool)
         bk, bi, bw = np.uint64(bound[0]), bound[1], bound[2]
-        return (keys < bk) | ((keys == bk) & ((img < bi) | ((img == bi) & (win < bw))))
+        last = win <= bw if inclusive else win < bw
+        return (keys < bk) | ((keys == bk) & ((img < bi) | ((img == bi) & last)))
 
     # -- the stream ----------------------------------------------------------------
     def add_image(self, image: int, windows: np.ndarray, proposals: np.ndarray, targets: np.ndarray,
@@ -317,9 +319,8 @@ class PairReservoir:
             if bound is None or self.n[k] == 0:
                 continue
             n = int(self.n[k])
-            keys, img, win = self._keys[k][:n], self._img[k][:n], self._win[k][:n]
-            bk, bi, bw = np.uint64(bound[0]), bound[1], bound[2]
-            keep = np.flatnonzero((keys < bk) | ((keys == bk) & ((img < bi) | ((img == bi) & (win <= bw)))))
+            keep = np.flatnonzero(self._below(self._keys[k][:n], self._img[k][:n], self._win[k][:n], bound,
+                                              inclusive=True))
             for name in ("_keys", "_img", "_win", "_x", "_prop", "_targ"):
                 getattr(self, name)[k] = getattr(self, name)[k][keep].copy()
             self.n[k] = len(keep)
