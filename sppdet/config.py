@@ -128,6 +128,9 @@ class SVMConfig:
                                              # same image by IoU > this (the paper: 0.7; null or 0: off)
     cache_memory_gb: float = 4.0     # all classes' hard-negative caches together stay within this (GiB); over
                                      # it, each class's easiest cached negatives go, proportionally (0: no cap)
+    max_positives_per_class: int = 5000  # a class with more ground-truth boxes is trained on a seeded uniform
+                                     # sample of this many (bounds memory: ~cap x K x 4 D bytes; 0: all;
+                                     # VOC 2007 trainval's largest class, person, has fewer)
 
 
 @dataclass
@@ -508,6 +511,7 @@ def validate(cfg: Config) -> None:
     num("svm.tol", sv.tol, lo=0, lo_open=True)
     num("svm.max_iter", sv.max_iter, lo=1)
     num("svm.cache_memory_gb", sv.cache_memory_gb, lo=0, what=" (0: no cap)")
+    num("svm.max_positives_per_class", sv.max_positives_per_class, lo=0, what=" (0: all)")
     if sv.neg_overlap_dedupe is not None:
         num("svm.neg_overlap_dedupe", sv.neg_overlap_dedupe, lo=0, hi=1, hi_open=True, what=" (0 or null: off)")
     # ---- box regression

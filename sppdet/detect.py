@@ -30,6 +30,7 @@ from .errors import ImageDecodeError
 from .features import FeatureExtractor
 from .models.detector import SPPDetector
 from .proposals.presets import Preset
+from .utils import memory
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -433,6 +434,7 @@ class Detector:
             total = len(images)  # type: ignore[arg-type]
         stream = self._stream(images, proposals, threads=threads, ahead=ahead)
         with progress(total=total, desc="detect", unit="img", disable=None if show_progress else True) as bar:
+            done = 0
             try:
                 for image, prepared, err in stream:
                     if err is not None:
@@ -443,6 +445,8 @@ class Detector:
                         continue
                     out = self._detect_array(image, *prepared)
                     bar.update(1)
+                    memory.every(done)
+                    done += 1
                     yield image, out
             finally:
                 stream.close()      # the images prefetched but not asked for are dropped
@@ -521,7 +525,9 @@ class Detector:
                         show_progress: bool) -> dict[str, Detections]:
         """Detections of ``records`` (all in ``store``), in their order, in this process."""
         out: dict[str, Detections] = {}
-        for rec in progress(records, desc="detect", unit="img", disable=None if show_progress else True):
+        for n, rec in enumerate(progress(records, desc="detect", unit="img",
+                                         disable=None if show_progress else True)):
+            memory.every(n)
             try:
                 out[rec.image_id] = self.detect_item(rec, store[rec.image_id], rec.width, rec.height)
             except ImageDecodeError as e:
@@ -684,6 +690,7 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
             if rec.image_id not in known:
                 computed[rec.image_id] = props
             d = det._detect_array(image, *prepared)    # an array: its conv5 maps are not cached
+            memory.every(position[p])
             keep = d["scores"] >= threshold if threshold is not None else np.ones(len(d["scores"]), bool)
             d = {k: v[keep] for k, v in d.items()}
             if coco:

@@ -638,7 +638,7 @@ BAD_SETTINGS = {
     "svm.neg_iou": 1.5, "svm.hard_threshold": math.nan, "svm.evict_threshold": math.inf,
     "svm.retrain_images": -1, "svm.retrain_limit": -1, "svm.max_negatives_first": -1, "svm.passes": 0,
     "svm.tol": 0.0, "svm.max_iter": 0, "svm.neg_overlap_dedupe": 1.5,
-    "svm.cache_memory_gb": -1.0,
+    "svm.cache_memory_gb": -1.0, "svm.max_positives_per_class": -1,
     "bbox_reg.min_iou": 0.0, "bbox_reg.lam": -1.0, "bbox_reg.max_pairs_per_class": -1,
     "test.nms": 0.0, "test.max_per_image": 0, "test.score_threshold": math.inf, "test.box_voting": 1.5,
     "test.batch_images": 0, "test.scales": [0],

@@ -39,6 +39,8 @@ def test_train_writes_run_folder_and_resumes(trained, capsys):
         assert (run / name).is_file(), name
     timings = json.loads((run / "timings.json").read_text())
     assert {"proposals", "features", "finetune", "svm", "bbox_reg"} <= set(timings)
+    peaks = [timings[s]["peak_rss_mb_after"] for s in ("proposals", "features", "finetune", "svm", "bbox_reg")]
+    assert peaks == sorted(peaks) and peaks[0] > 50          # a running peak, in MiB
     # a second run reuses every stage
     capsys.readouterr()
     assert main(trained["args"]) == 0

@@ -471,3 +471,143 @@ def test_capped_bbox_regression_on_two_ranks_equals_one_process(tmp_path):
     assert r0["state"] == want and r1["state"] == want
     assert r0["rows"] + r1["rows"] >= sum(calls)       # each rank samples its own share
     assert np.abs(np.asarray(want["W"])).max() > 0
+
+
+# ---------------------------------------------------------------------------
+# SVM positives: a seeded bottom-k sample of at most svm.max_positives_per_class per class
+
+from sppdet.train.svm import _POSITIVE_SALT, PositiveSample  # noqa: E402
+
+
+def gt_stream(seed, n_images=30, K=3, D=6, max_gt=4):
+    """(image, WindowSet of its ground-truth windows only) with 0..max_gt boxes of random classes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_images):
+        n = int(rng.integers(0, max_gt + 1))
+        lab = rng.integers(0, K, n)
+        iou = rng.random((n, K)).astype(np.float32)
+        out.append((i, WindowSet(rng.normal(size=(n, D)).astype(np.float32), lab, iou)))
+    return out
+
+
+def reference_positive_sample(stream, K, cap, seed):
+    """Slow and obvious: every positive's key from pair_keys, sorted, the first cap of each class;
+    then grouped by image in (image, j) order."""
+    rows = []
+    for i, ws in stream:
+        for j, k in enumerate(ws.gt_labels):
+            key = int(pair_keys(seed ^ _POSITIVE_SALT, i, np.array([j]))[0])
+            rows.append((int(k), key, i, j, ws.features[j], ws.max_iou[j]))
+    kept = []
+    for k in range(K):
+        mine = sorted((r for r in rows if r[0] == k), key=lambda r: (r[1], r[2], r[3]))
+        kept += mine[:cap] if cap else mine
+    kept.sort(key=lambda r: (r[2], r[3]))
+    by_image = {}
+    for k, _, i, j, x, iou in kept:
+        by_image.setdefault(i, []).append((k, x, iou))
+    return [(i, np.array([r[0] for r in v]), np.stack([r[1] for r in v]), np.stack([r[2] for r in v]))
+            for i, v in sorted(by_image.items())]
+
+
+def _as_lists(per_image):
+    return [(i, ws.gt_labels, ws.features, ws.max_iou) for i, ws in per_image]
+
+
+def _assert_same(got, want):
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for (_, gl, gx, gi), (_, wl, wx, wi) in zip(got, want):
+        np.testing.assert_array_equal(gl, wl)
+        np.testing.assert_array_equal(gx, wx)
+        np.testing.assert_array_equal(gi, wi)
+
+
+@pytest.mark.parametrize("cap", [0, 3, 7, 1000])
+def test_positive_sample_is_the_seeded_bottom_k_of_a_slow_reference(cap):
+    K, seed = 3, 11
+    stream = gt_stream(4, K=K)
+    ps = PositiveSample(K, cap, seed)
+    for i, ws in stream:
+        ps.add(i, ws)
+    got = _as_lists(ps.per_image())
+    _assert_same(got, reference_positive_sample(stream, K, cap, seed))
+    counts = np.bincount(np.concatenate([g[1] for g in got]), minlength=K)
+    seen = np.bincount(np.concatenate([ws.gt_labels for _, ws in stream]), minlength=K)
+    np.testing.assert_array_equal(ps.seen, seen)
+    np.testing.assert_array_equal(counts, np.minimum(seen, cap) if cap else seen)
+    if cap == 3:
+        assert (seen > 2 * cap).all()              # the trims ran, not only the final cut
+    if cap in (0, 1000):                           # nothing over the cap: exactly what was added
+        _assert_same(got, [(i, ws.gt_labels, ws.features, ws.max_iou) for i, ws in stream if len(ws.gt_labels)])
+
+
+def test_positive_sample_does_not_depend_on_image_order_or_on_shards():
+    K, cap, seed = 3, 5, 2
+    stream = gt_stream(9, K=K, n_images=40)
+    one = PositiveSample(K, cap, seed)
+    for i, ws in stream:
+        one.add(i, ws)
+    want = _as_lists(one.per_image())
+    rev = PositiveSample(K, cap, seed)
+    for i, ws in stream[::-1]:
+        rev.add(i, ws)
+    _assert_same(_as_lists(rev.per_image()), want)
+    shards = [PositiveSample(K, cap, seed) for _ in range(3)]
+    for i, ws in stream:
+        shards[i % 3].add(i, ws)
+    merged = PositiveSample(K, cap, seed)
+    for s in shards:
+        merged.merge(s.export(), s.seen)
+    _assert_same(_as_lists(merged.per_image()), want)
+    np.testing.assert_array_equal(merged.seen, one.seen)
+    other_seed = PositiveSample(K, cap, seed + 1)
+    for i, ws in stream:
+        other_seed.add(i, ws)
+    assert [g[0] for g in _as_lists(other_seed.per_image())] != [g[0] for g in want]
+
+
+def test_svm_positive_cap_changes_nothing_unless_reached_and_then_trains_on_cap_positives():
+    K = 3
+    images = svm_images(5, K=K, num_images=40)
+    per_class = np.bincount(np.concatenate([ws.gt_labels[ws.gt_labels >= 0] for ws in images]), minlength=K)
+    assert SVMConfig().max_positives_per_class >= per_class.max()
+    a, sa = train_svms(lambda i: images[i], len(images), K, SVMParams(), progress=False)
+    b, sb = train_svms(lambda i: images[i], len(images), K, SVMParams(max_positives_per_class=0), progress=False)
+    np.testing.assert_array_equal(np.asarray(a.W), np.asarray(b.W))
+    np.testing.assert_array_equal(np.asarray(a.b), np.asarray(b.b))
+    cap = int(per_class.min()) - 3
+    c, sc = train_svms(lambda i: images[i], len(images), K, SVMParams(max_positives_per_class=cap), progress=False)
+    assert [sc[str(k)]["positives"] for k in range(K)] == [cap] * K
+    assert not np.array_equal(np.asarray(c.W), np.asarray(a.W))
+    # still a working classifier: positives score above the cached negatives' mean
+    X = np.concatenate([ws.features for ws in images])
+    lab = np.concatenate([ws.gt_labels for ws in images])
+    s = c.decision_function(X)
+    for k in range(K):
+        assert s[lab == k, k].mean() > s[lab == -1, k].mean()
+
+
+def _capped_svm_job(rank, out_dir, cap):
+    import torch
+
+    torch.set_num_threads(1)
+    images = svm_images(5, K=3, num_images=40)
+    svms, stats = train_svms(lambda i: images[i], len(images), 3, SVMParams(max_positives_per_class=cap),
+                             progress=False)
+    return {"W": np.asarray(svms.W).tolist(), "b": np.asarray(svms.b).tolist(),
+            "pos": [stats[str(k)]["positives"] for k in range(3)]}
+
+
+def test_capped_svm_positives_on_two_ranks_equal_one_process(tmp_path):
+    from test_distributed import _run_two
+
+    cap = 6
+    r0, r1 = _run_two(_capped_svm_job, tmp_path, cap)
+    images = svm_images(5, K=3, num_images=40)
+    svms, stats = train_svms(lambda i: images[i], len(images), 3, SVMParams(max_positives_per_class=cap),
+                             progress=False)
+    assert r0["pos"] == [cap] * 3 == r1["pos"]
+    np.testing.assert_allclose(r0["W"], np.asarray(svms.W), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(r0["b"], np.asarray(svms.b), rtol=0, atol=1e-6)
+    assert r0["W"] == r1["W"]

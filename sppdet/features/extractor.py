@@ -55,6 +55,7 @@ from ..models.backbones import Backbone
 from ..models.spp import (DEFAULT_LEVELS, choose_scales, project_windows, resize_factor, spp_pool, spp_pool_whole,
                          window_feature_dim)
 from .conv5_cache import CACHE_FORMAT, Conv5Cache
+from ..utils import memory
 from ..utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -542,7 +543,8 @@ class FeatureExtractor:
                    disable=None if progress else True)
         try:
             if workers == 1 or self.device.type != "cpu":
-                for rec in todo:
+                for n, rec in enumerate(todo):
+                    memory.every(n)
                     try:
                         self._maps(rec.image_id, rec.path, flip)
                         stats["computed"] += 1
@@ -583,6 +585,7 @@ class FeatureExtractor:
             nonlocal done, failed
             try:
                 done += self._finish_precompute(item, flip, pbar)
+                memory.every(done + failed - 1)
             except ImageDecodeError as e:
                 if not skip_bad_images:
                     raise

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils import memory
 from ..utils.io import atomic_save_npy, stable_hash
 from ..utils.progress import progress
 from .memory import available_memory
@@ -121,6 +122,7 @@ class WindowFeatures:
             if self._all_pooled(i, f) is None:
                 break
             kept += 1
+            memory.every(kept - 1)
             n_win += len(self.windows[i])
         if kept:
             log.info("SPP features of %d windows (%d images%s) pooled into RAM: %.2f GiB, %.1f s%s", n_win, kept,

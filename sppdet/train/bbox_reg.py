@@ -32,6 +32,7 @@ from ..boxes import box_iou, encode
 from ..errors import SppdetError
 from ..models.bbox_reg import BBoxRegressors
 from ..utils.progress import progress as _progress
+from ..utils.sampling import pair_keys
 from .svm import feature_scale
 
 logger = logging.getLogger(__name__)
@@ -146,30 +147,6 @@ def train_bbox_regressors(features: np.ndarray, proposals: np.ndarray, targets: 
 
 # ---------------------------------------------------------------------------
 # Bounded memory: a seeded sample of at most ``cap`` pairs per class
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic)."""
-    z = np.asarray(z, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def pair_keys(seed: int, image: int, windows: np.ndarray) -> np.ndarray:
-    """Pseudo-random uint64 keys of the pairs ``(image, window)``: a function of the seed and the
-    pair only (not of the order images are seen in, nor of which rank sees them).
-
-    Keeping the ``cap`` pairs of a class with the smallest ``(key, image, window)`` is a uniform
-    random sample of that class's pairs without replacement ("bottom-k" sampling), and the
-    bottom-k of a union is the bottom-k of the parts' bottom-k: ranks sample independently and
-    merge exactly.
-    """
-    w = np.asarray(windows, dtype=np.int64).astype(np.uint64)
-    s = _splitmix64(np.array([np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)]))[0]
-    return _splitmix64(((np.uint64(int(image)) << np.uint64(32)) | w) ^ s)
-
 
 class PairReservoir:
     """The box-regression pairs of a stream of images, at most ``cap`` per class (``cap`` 0: all).

@@ -36,7 +36,7 @@ from ..features import WindowFeatures
 from ..features.cache_admin import check_conv5_space
 from ..models.detector import SPPDetector
 from ..models.heads import FCHead, fc7_features
-from ..utils import dist
+from ..utils import dist, memory
 from ..utils.device import resolve_device
 from ..utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
 from ..utils.log import add_log_file
@@ -112,6 +112,11 @@ class Pipeline:
         prev = self.timings.get(name, {})
         self.timings[name] = {"seconds": round(dt, 3), "reused": reused,
                               "total_seconds": round(prev.get("total_seconds", 0.0) + dt, 3)}
+        peak = memory.peak_rss_mb()
+        if peak is not None:
+            # this process's peak resident size so far: the first stage that reaches the run's
+            # peak is the one that set it
+            self.timings[name]["peak_rss_mb_after"] = round(peak, 1)
         log.info("stage %-9s %s in %.1f s", name, "reused" if reused else "done", dt)
         if dist.is_main():
             atomic_write_json(self.run_dir / "timings.json", self.timings)

@@ -47,7 +47,9 @@ import torch
 
 from ..config import SVMConfig
 from ..models.svm import NO_POSITIVES_BIAS, LinearSVMs
+from ..utils import memory
 from ..utils.progress import progress as _progress
+from ..utils.sampling import bottom_k, pair_keys
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ class SVMParams(SVMConfig):
             highest-scoring (hardest) cached negatives, the same fraction of each class's cache,
             so that the total is 90% of the budget (see :meth:`HardNegativeMiner.enforce_budget`);
             0: no cap.
+        max_positives_per_class: a class with more ground-truth windows is trained on a seeded
+            uniform sample of this many (:class:`PositiveSample`; the same for any image order
+            and number of processes); 0: all.
         device: torch device for the torch solver ("auto", "cpu", "cuda", ...).
         seed: random state (liblinear's coordinate order, subsampling).
     """
@@ -416,6 +421,105 @@ class _ClassState:
     time_s: float = 0.0
     objective: float = float("nan")
     hinge: float = float("nan")
+
+
+#: salt of the positives' sampling keys (so they are not the box-regression pairs' keys)
+_POSITIVE_SALT = 0x5356_4D50_4F53
+
+
+class PositiveSample:
+    """The ground-truth windows of a stream of images, at most ``cap`` per class (``cap`` 0: all).
+
+    Per class, the positives with the smallest ``(key, image, j)`` seen so far, where ``j`` is
+    the window's position among its image's ground-truth windows and the key
+    :func:`~sppdet.utils.sampling.pair_keys` of ``(seed, image, j)``: a uniform sample without
+    replacement, the same whatever the order the images come in, and the bottom-``cap`` of
+    several processes' samples merged is that of one process (:meth:`merge`).  At most
+    ``2 cap`` rows per class are held between trims, so memory is ``O(cap K D)`` whatever the
+    number of images.  When no class has more than ``cap`` positives, :meth:`per_image` gives
+    back exactly what was added.
+    """
+
+    def __init__(self, num_classes: int, cap: int = 0, seed: int = 0) -> None:
+        if cap < 0:
+            raise ValueError(f"PositiveSample: cap must be >= 0, got {cap}")
+        self.K, self.cap, self.seed = int(num_classes), int(cap), int(seed) ^ _POSITIVE_SALT
+        self.seen = np.zeros(self.K, np.int64)       # positives of each class in the stream
+        self._parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(self.K)]
+        self._held = np.zeros(self.K, np.int64)
+
+    def add(self, image: int, windows: WindowSet) -> None:
+        """Add one image's ground-truth windows (``windows`` holds those only, in their order)."""
+        labels = np.asarray(windows.gt_labels)
+        if len(labels) == 0:
+            return
+        keys = pair_keys(self.seed, image, np.arange(len(labels)))
+        for k in np.unique(labels):
+            k = int(k)
+            if k < 0 or k >= self.K:
+                raise ValueError(f"gt label {k} out of range for {self.K} classes")
+            j = np.flatnonzero(labels == k)
+            self._add_rows(k, keys[j], np.full(len(j), image, np.int64), j, windows.features[j],
+                           windows.max_iou[j])
+
+    def _add_rows(self, k: int, keys, img, j, x, iou) -> None:
+        self._parts[k].append((keys, img, j, np.asarray(x), np.asarray(iou)))
+        self._held[k] += len(keys)
+        self.seen[k] += len(keys)
+        if self.cap and self._held[k] > 2 * self.cap:
+            self._trim(k)
+
+    def _trim(self, k: int) -> None:
+        parts = [np.concatenate(a) for a in zip(*self._parts[k])]
+        keep = bottom_k(parts[0], parts[1], parts[2], self.cap)
+        self._parts[k] = [tuple(a[keep] for a in parts)]
+        self._held[k] = len(keep)
+
+    def rows(self, k: int) -> tuple[np.ndarray, ...]:
+        """Class ``k``'s kept positives ``(keys, image, j, features, max_iou)``, at most ``cap``
+        (class ``k`` must have some)."""
+        if self.cap and self._held[k] > self.cap:
+            self._trim(k)
+        parts = tuple(np.concatenate(a) for a in zip(*self._parts[k]))
+        self._parts[k] = [parts]
+        return parts
+
+    def export(self) -> list[tuple[np.ndarray, ...] | None]:
+        """Every class's kept rows, to send to the process that merges (:meth:`merge`)."""
+        return [self.rows(k) if self._parts[k] else None for k in range(self.K)]
+
+    def merge(self, exported: list, seen: np.ndarray) -> None:
+        """Add another sample's :meth:`export` (and its ``seen`` counts)."""
+        for k, r in enumerate(exported):
+            if r is not None:
+                self._add_rows(k, *r)
+                self.seen[k] -= len(r[0])
+        self.seen += np.asarray(seen, np.int64)
+
+    def per_image(self) -> list[tuple[int, WindowSet]]:
+        """The kept positives as one WindowSet per image, in image order, each image's windows in
+        their original order (what :meth:`HardNegativeMiner.add_positives` takes)."""
+        cols = [(self.rows(k), k) for k in range(self.K) if self._parts[k]]
+        if not cols:
+            return []
+        img = np.concatenate([r[1] for r, _ in cols])
+        j = np.concatenate([r[2] for r, _ in cols])
+        lab = np.concatenate([np.full(len(r[1]), k, np.int64) for r, k in cols])
+        x = np.concatenate([r[3] for r, _ in cols])
+        iou = np.concatenate([r[4] for r, _ in cols])
+        order = np.lexsort((j, img))
+        img, lab, x, iou = img[order], lab[order], x[order], iou[order]
+        cuts = np.flatnonzero(np.diff(img)) + 1
+        out = []
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(img)]):
+            out.append((int(img[a]), WindowSet(x[a:b], lab[a:b], iou[a:b])))
+        return out
+
+    def log_capped(self, class_names: Sequence[str] | None = None) -> None:
+        for k in np.flatnonzero(self.seen > self.cap) if self.cap else ():
+            name = class_names[k] if class_names is not None else str(k)
+            logger.info("svm: %s: %d positives, trained on a seeded sample of %d (svm.max_positives_per_class)",
+                        name, int(self.seen[k]), self.cap)
 
 
 class HardNegativeMiner:
@@ -777,13 +881,13 @@ def train_svms(get_windows: Callable[[int], WindowSet], num_images: int, num_cla
     rng = np.random.default_rng(params.seed)
     pos_fn = get_positives or get_windows
     # Pass 1: positives (and the scale sample).
-    pos_sets: list[WindowSet] = []
+    pos_sets = PositiveSample(num_classes, params.max_positives_per_class, params.seed)
     sample: list[np.ndarray] = []
     for i in _progress(range(num_images), desc="SVM positives", total=num_images, unit="img",
                        disable=None if progress else True):
         ws = pos_fn(i)
         keep = ws.gt_labels >= 0
-        pos_sets.append(WindowSet(ws.features[keep], ws.gt_labels[keep], ws.max_iou[keep]))
+        pos_sets.add(i, WindowSet(ws.features[keep], ws.gt_labels[keep], ws.max_iou[keep]))
         if scale is None and len(ws.features):
             m = min(scale_sample_per_image, len(ws.features))
             sample.append(ws.features[np.sort(rng.choice(len(ws.features), m, replace=False))])
@@ -791,7 +895,8 @@ def train_svms(get_windows: Callable[[int], WindowSet], num_images: int, num_cla
         scale = feature_scale(np.concatenate(sample) if sample else np.zeros((0, 1)), params.feature_norm)
     logger.info("svm: feature scale %.6g (mean norm -> %g)", scale, params.feature_norm)
     miner = HardNegativeMiner(num_classes, params, scale, num_images, class_names)
-    for ws in pos_sets:
+    pos_sets.log_capped(class_names)
+    for _, ws in pos_sets.per_image():
         miner.add_positives(ws)
     del pos_sets, sample
     # Mining passes.
@@ -800,6 +905,7 @@ def train_svms(get_windows: Callable[[int], WindowSet], num_images: int, num_cla
         for i in _progress(range(num_images), desc=desc, total=num_images, unit="img",
                            disable=None if progress else True):
             miner.mine_image(i, get_windows(i))
+            memory.every(i)
     svms, stats = miner.finish()
     stats["_total"] = {"scale": scale, "time_s": round(time.perf_counter() - t0, 3),
                        "retrain_images": miner.retrain_images, "solver": params.solver}
@@ -873,13 +979,13 @@ def _train_svms_ranked(get_windows: Callable[[int], WindowSet], num_images: int,
 
     # ---- 1. positives (and the scale sample)
     err: BaseException | None = None
-    pos_sets: list[tuple[int, WindowSet]] = []
+    pos_sets = PositiveSample(num_classes, params.max_positives_per_class, params.seed)
     sample: list[tuple[int, np.ndarray]] = []
     try:
         for i in _progress(mine, desc="SVM positives", total=len(mine), unit="img", disable=show):
             ws = pos_fn(i)
             keep = ws.gt_labels >= 0
-            pos_sets.append((i, WindowSet(ws.features[keep], ws.gt_labels[keep], ws.max_iou[keep])))
+            pos_sets.add(i, WindowSet(ws.features[keep], ws.gt_labels[keep], ws.max_iou[keep]))
             if scale is None and len(ws.features):
                 rng = np.random.default_rng([params.seed, i])
                 m = min(scale_sample_per_image, len(ws.features))
@@ -887,19 +993,23 @@ def _train_svms_ranked(get_windows: Callable[[int], WindowSet], num_images: int,
     except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
         err = e
     dist.raise_if_any(err)
-    parts = dist.gather_object((pos_sets, sample))
+    # each rank's own sample (at most the cap per class) travels: the merge is the one-process sample
+    parts = dist.gather_object((pos_sets.export(), pos_sets.seen, sample))
     del pos_sets, sample
     miner: HardNegativeMiner | None = None
     setup = None
     if rank == 0:
         try:
             assert parts is not None
-            positives = sorted((p for ps, _ in parts for p in ps), key=lambda t: t[0])
+            positives = PositiveSample(num_classes, params.max_positives_per_class, params.seed)
+            for exported, seen, _ in parts:
+                positives.merge(exported, seen)
             if scale is None:
-                smp = [x for _, x in sorted((q for _, ss in parts for q in ss), key=lambda t: t[0])]
+                smp = [x for _, x in sorted((q for _, _, ss in parts for q in ss), key=lambda t: t[0])]
                 scale = feature_scale(np.concatenate(smp) if smp else np.zeros((0, 1)), params.feature_norm)
             miner = HardNegativeMiner(num_classes, params, scale, num_images, class_names)
-            for _, ws in positives:
+            positives.log_capped(class_names)
+            for _, ws in positives.per_image():
                 miner.add_positives(ws)
             del positives
             setup = {"scale": float(scale), "has_pos": miner.has_pos.copy(), "dim": miner.dim}
@@ -927,6 +1037,7 @@ def _train_svms_ranked(get_windows: Callable[[int], WindowSet], num_images: int,
     try:
         for _ in range(params.passes):
             for first in range(0, num_images, world):
+                memory.every(first // world)
                 images = list(range(first, min(first + world, num_images)))
                 ws = None
                 if rank < len(images):
