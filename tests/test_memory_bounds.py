@@ -611,3 +611,61 @@ def test_capped_svm_positives_on_two_ranks_equal_one_process(tmp_path):
     np.testing.assert_allclose(r0["W"], np.asarray(svms.W), rtol=0, atol=1e-6)
     np.testing.assert_allclose(r0["b"], np.asarray(svms.b), rtol=0, atol=1e-6)
     assert r0["W"] == r1["W"]
+
+
+# ---------------------------------------------------------------------------
+# Box-regression pairs held as float16 while the features are float16 values (SPP of float16 maps)
+
+
+def _half_valued(fn):
+    """The same feature function, its rows rounded to float16 values (returned as float32)."""
+    def half(i, sel, flip):
+        x = fn(i, sel, flip)
+        x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        return x.astype(np.float16).astype(np.float32)
+    return half
+
+
+@pytest.mark.parametrize("cap", [0, 12])
+def test_half_valued_pairs_are_held_as_float16_and_fit_bit_identically(cap):
+    windows, fn, _ = make_images(K=4, n_images=15)
+    hfn = _half_valued(fn)
+    res = PairReservoir(4, cap, 5)
+    for w in windows:
+        is_prop = np.flatnonzero(w.gt_labels < 0)
+        idx, tb, lab = select_regression_pairs(w.boxes[is_prop], w.record.boxes, w.record.labels, 0.6)
+        if len(idx):
+            win = is_prop[idx]
+            res.add_image(int(w.index), win, w.boxes[win], tb, lab, lambda s, i=int(w.index): hfn(i, s, False))
+    assert res.dtype == np.float16
+    img, win, X, P, T, L = res.arrays()
+    assert X.dtype == np.float16
+    # the slow reference: every pair (or the bottom-k sample) in float32, fitted as before
+    ref = all_pairs(windows, hfn, 0.6)
+    if cap:
+        ref = reference_sample(ref, cap, 5)
+        assert np.bincount(ref[5]).max() == cap < np.bincount(all_pairs(windows, hfn, 0.6)[5]).max()
+    np.testing.assert_array_equal(img, ref[0])
+    np.testing.assert_array_equal(X.astype(np.float32), ref[2])
+    a = train_bbox_regressors(X, P, T, L, 4, lam=10.0)
+    b = train_bbox_regressors(ref[2].astype(np.float32), ref[3], ref[4], ref[5], 4, lam=10.0)
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(b.state_dict()[k]))
+
+
+def test_a_feature_that_is_not_a_float16_value_widens_the_store_exactly():
+    windows, fn, _ = make_images(K=4, n_images=15)
+    hfn = _half_valued(fn)
+    res = PairReservoir(4, 0, 5)
+    for n, w in enumerate(windows):
+        is_prop = np.flatnonzero(w.gt_labels < 0)
+        idx, tb, lab = select_regression_pairs(w.boxes[is_prop], w.record.boxes, w.record.labels, 0.6)
+        f = hfn if n < 7 else fn                       # images 7.. give float32 values
+        if len(idx):
+            win = is_prop[idx]
+            res.add_image(int(w.index), win, w.boxes[win], tb, lab, lambda s, i=int(w.index), f=f: f(i, s, False))
+    assert res.dtype == np.float32
+    img, win, X, P, T, L = res.arrays()
+    want = np.concatenate([np.asarray((hfn if n < 7 else fn)(int(w.index), np.array(j), False))
+                           for n, w in enumerate(windows) for j in [win[img == w.index]] if len(j)])
+    np.testing.assert_array_equal(X, want)

@@ -94,7 +94,8 @@ def train_bbox_regressors(features: np.ndarray, proposals: np.ndarray, targets: 
     """Train one ridge regressor per class.
 
     Args:
-        features (ndarray[M, D] float32): raw pooled conv5 features of the training proposals.
+        features (ndarray[M, D] float16/32/64): raw pooled conv5 features of the training
+            proposals (used as they are: each class's rows are converted to float64 for its fit).
         proposals (ndarray[M, 4]): the proposals ``(x1, y1, x2, y2)`` (positive size).
         targets (ndarray[M, 4]): their matched ground-truth boxes (see :func:`select_regression_pairs`).
         labels (ndarray[M]): class of each pair.
@@ -108,7 +109,9 @@ def train_bbox_regressors(features: np.ndarray, proposals: np.ndarray, targets: 
     Returns:
         :class:`BBoxRegressors`.
     """
-    X = np.asarray(features, dtype=np.float32)
+    X = np.asarray(features)
+    if not np.issubdtype(X.dtype, np.floating):
+        X = X.astype(np.float32)
     M = len(X)
     D = X.shape[1] if X.ndim == 2 else 0
     proposals = np.asarray(proposals, dtype=np.float64).reshape(M, 4)
@@ -154,9 +157,12 @@ class PairReservoir:
     Per class, the pairs with the smallest ``(key, image, window)`` (:func:`pair_keys`) seen so
     far, with their raw features, proposals and target boxes; the features of a pair that cannot
     enter are never computed.  Memory: at most ``cap`` rows per class (allocated as they come),
-    i.e. ``cap * K * (4 D + 88)`` bytes, whatever the number of images.  When no class has more
-    than ``cap`` pairs, :meth:`arrays` returns every pair in image order, exactly what holding
-    them all gives.
+    i.e. ``cap * K * (2 D + 88)`` bytes, whatever the number of images, while every feature is
+    exactly a float16 value (SPP max-pools conv5 maps, which are cached as float16 by default,
+    so its features are float16 values): they are held as float16 then, losslessly.  The first
+    feature that is not widens the store to float32 for good (``cap * K * (4 D + 88)``).
+    When no class has more than ``cap`` pairs, :meth:`arrays` returns every pair in image
+    order, exactly what holding them all gives.
     """
 
     def __init__(self, num_classes: int, cap: int = 0, seed: int = 0) -> None:
@@ -171,6 +177,7 @@ class PairReservoir:
         self._img = [np.zeros(0, np.int64) for _ in range(self.K)]
         self._win = [np.zeros(0, np.int64) for _ in range(self.K)]
         self._x: list[np.ndarray | None] = [None] * self.K
+        self.dtype = np.dtype(np.float16)               # the features' storage (see the class doc)
         self._prop = [np.zeros((0, 4), np.float32) for _ in range(self.K)]
         self._targ = [np.zeros((0, 4), np.float32) for _ in range(self.K)]
 
@@ -227,9 +234,20 @@ class PairReservoir:
         x = feature_fn(windows[sel])
         x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         x = x.astype(np.float32, copy=False).reshape(len(sel), -1)
+        if self.dtype == np.float16:
+            half = x.astype(np.float16)
+            if np.array_equal(half.astype(np.float32), x):
+                x = half
+            else:
+                self._widen()
         self._insert(keys[sel], img[sel], windows[sel], x, np.asarray(proposals, np.float32)[sel],
                      np.asarray(targets, np.float32)[sel], labels[sel])
         return len(sel)
+
+    def _widen(self) -> None:
+        """Hold the features as float32 from now on (the values held are kept exactly)."""
+        self.dtype = np.dtype(np.float32)
+        self._x = [None if a is None else a.astype(np.float32) for a in self._x]
 
     def _insert(self, keys, img, win, x, prop, targ, labels) -> None:
         D = x.shape[1]
@@ -237,7 +255,7 @@ class PairReservoir:
             k = int(k)
             m = np.flatnonzero(labels == k)
             if self._x[k] is None:
-                self._x[k] = np.zeros((0, D), np.float32)
+                self._x[k] = np.zeros((0, D), self.dtype)
             elif self._x[k].shape[1] != D:
                 raise ValueError(f"feature dimension changed from {self._x[k].shape[1]} to {D}")
             n = int(self.n[k])
@@ -280,7 +298,7 @@ class PairReservoir:
         self._keys[k] = grown(self._keys[k], (new,), np.uint64)
         self._img[k] = grown(self._img[k], (new,), np.int64)
         self._win[k] = grown(self._win[k], (new,), np.int64)
-        self._x[k] = grown(self._x[k], (new, D), np.float32)
+        self._x[k] = grown(self._x[k], (new, D), self.dtype)
         self._prop[k] = grown(self._prop[k], (new, 4), np.float32)
         self._targ[k] = grown(self._targ[k], (new, 4), np.float32)
 
@@ -303,8 +321,8 @@ class PairReservoir:
             self.n[k] = len(keep)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(images, windows, features [M, D] float32, proposals [M, 4], targets [M, 4], labels)`` of
-        every held pair, sorted by ``(image, window)`` (one copy of the features)."""
+        """``(images, windows, features [M, D] (:attr:`dtype`), proposals [M, 4], targets [M, 4],
+        labels)`` of every held pair, sorted by ``(image, window)`` (one copy of the features)."""
         return _sorted_pairs([(self._img[k][: self.n[k]], self._win[k][: self.n[k]], self._x[k][: self.n[k]],
                                self._prop[k][: self.n[k]], self._targ[k][: self.n[k]],
                                np.full(int(self.n[k]), k, np.int64)) for k in range(self.K) if self.n[k]])
@@ -324,7 +342,8 @@ def _sorted_pairs(parts):
     out = [img[order], win[order]]
     for i in range(2, 6):
         first = parts[0][i]
-        a = np.empty((len(order),) + first.shape[1:], first.dtype)
+        # ranks may hold their features as float16 or float32 (PairReservoir.dtype): the wider
+        a = np.empty((len(order),) + first.shape[1:], np.result_type(*[p[i].dtype for p in parts]))
         start = 0
         for p in parts:
             a[where[start:start + len(p[i])]] = p[i]

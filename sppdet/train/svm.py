@@ -168,10 +168,16 @@ def feature_scale(sample: np.ndarray, target_norm: float = 20.0) -> float:
     Returns:
         ``target_norm / mean_i ||sample_i||`` (1.0 for an empty or all-zero sample).
     """
-    x = np.asarray(sample, dtype=np.float64).reshape(len(sample), -1) if len(sample) else np.zeros((0, 1))
-    if len(x) == 0:
+    if len(sample) == 0:
         return 1.0
-    mean_norm = float(np.linalg.norm(x, axis=1).mean())
+    x = np.asarray(sample).reshape(len(sample), -1)
+    # row norms in float64, a block of rows at a time (no float64 copy of a large sample; each
+    # row's norm, and so the mean, is the same as from one copy)
+    norms = np.empty(len(x), np.float64)
+    step = max(1, (64 << 20) // max(1, 8 * x.shape[1]))
+    for a in range(0, len(x), step):
+        norms[a:a + step] = np.linalg.norm(x[a:a + step].astype(np.float64), axis=1)
+    mean_norm = float(norms.mean())
     if not math.isfinite(mean_norm) or mean_norm <= 0:
         return 1.0
     return float(target_norm) / mean_norm
