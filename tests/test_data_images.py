@@ -173,7 +173,8 @@ def test_cmyk_jpeg_to_rgb(tmp_path):
     a = _pattern()
     cmyk = Image.fromarray(a).convert("CMYK")
     p = _save(cmyk, tmp_path / "c.jpg", "JPEG", quality=100)
-    assert Image.open(p).mode == "CMYK"
+    with Image.open(p) as im:
+        assert im.mode == "CMYK"
     out = load_image(p)
     assert out.shape == (24, 36, 3)
     # Pillow's RGB->CMYK->RGB is lossless up to JPEG error
