@@ -690,7 +690,7 @@ def detect_images(det: Detector, paths: list[Path], out_dir: str | Path, *, thre
             if rec.image_id not in known:
                 computed[rec.image_id] = props
             d = det._detect_array(image, *prepared)    # an array: its conv5 maps are not cached
-            memory.every(position[p])
+            memory.every(position[p] - 1)          # position: 1-based
             keep = d["scores"] >= threshold if threshold is not None else np.ones(len(d["scores"]), bool)
             d = {k: v[keep] for k, v in d.items()}
             if coco:

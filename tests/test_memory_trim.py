@@ -38,6 +38,7 @@ def test_every_trims_on_multiples_of_the_interval_only(monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(), reason="glibc only")
 def test_trim_returns_the_free_pages_inside_a_fragmented_heap(monkeypatch):
     monkeypatch.setattr(memory, "_loaded", False)
+    monkeypatch.setattr(memory, "_trim", memory._trim)     # restored after the test
     monkeypatch.delenv("SPPDET_MALLOC_TRIM", raising=False)
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -61,9 +62,9 @@ def test_trim_returns_the_free_pages_inside_a_fragmented_heap(monkeypatch):
 
 def test_trim_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(memory, "_loaded", False)
+    monkeypatch.setattr(memory, "_trim", memory._trim)     # restored after the test
     monkeypatch.setenv("SPPDET_MALLOC_TRIM", "0")
     assert memory.trim() is False
-    monkeypatch.setattr(memory, "_loaded", False)   # the next test loads it again
 
 
 def test_peak_rss_is_at_least_the_current_resident_size():

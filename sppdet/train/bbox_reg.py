@@ -32,7 +32,7 @@ from ..boxes import box_iou, encode
 from ..errors import SppdetError
 from ..models.bbox_reg import BBoxRegressors
 from ..utils.progress import progress as _progress
-from ..utils.sampling import pair_keys
+from ..utils.sampling import bottom_k, pair_keys
 from .svm import feature_scale
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class PairReservoir:
             all_img = np.concatenate([self._img[k][:n], img[m]])
             all_win = np.concatenate([self._win[k][:n], win[m]])
             if self.cap and len(all_keys) > self.cap:
-                order = np.lexsort((all_win, all_img, all_keys))[: self.cap]
+                order = bottom_k(all_keys, all_img, all_win, self.cap)
                 keep = np.zeros(len(all_keys), bool)
                 keep[order] = True
             else:

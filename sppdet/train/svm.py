@@ -451,7 +451,7 @@ class PositiveSample:
             raise ValueError(f"PositiveSample: cap must be >= 0, got {cap}")
         self.K, self.cap, self.seed = int(num_classes), int(cap), int(seed) ^ _POSITIVE_SALT
         self.seen = np.zeros(self.K, np.int64)       # positives of each class in the stream
-        self._parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(self.K)]
+        self._parts: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(self.K)]   # (keys, image, j, x, iou)
         self._held = np.zeros(self.K, np.int64)
 
     def add(self, image: int, windows: WindowSet) -> None:
@@ -465,13 +465,13 @@ class PositiveSample:
             if k < 0 or k >= self.K:
                 raise ValueError(f"gt label {k} out of range for {self.K} classes")
             j = np.flatnonzero(labels == k)
+            self.seen[k] += len(j)
             self._add_rows(k, keys[j], np.full(len(j), image, np.int64), j, windows.features[j],
                            windows.max_iou[j])
 
     def _add_rows(self, k: int, keys, img, j, x, iou) -> None:
         self._parts[k].append((keys, img, j, np.asarray(x), np.asarray(iou)))
         self._held[k] += len(keys)
-        self.seen[k] += len(keys)
         if self.cap and self._held[k] > 2 * self.cap:
             self._trim(k)
 
@@ -499,7 +499,6 @@ class PositiveSample:
         for k, r in enumerate(exported):
             if r is not None:
                 self._add_rows(k, *r)
-                self.seen[k] -= len(r[0])
         self.seen += np.asarray(seen, np.int64)
 
     def per_image(self) -> list[tuple[int, WindowSet]]:

@@ -50,7 +50,6 @@ def trim() -> bool:
     return bool(_trim(0))
 
 
-
 def every(index: int, interval: int = 8) -> bool:
     """:func:`trim` after item ``index`` (0-based) of a loop when ``index + 1`` is a multiple of
     ``interval``; returns whether it trimmed."""
