@@ -55,6 +55,34 @@ def test_train_writes_run_folder_and_resumes(trained, capsys):
     assert main(trained["args"]) == 0
 
 
+def test_moved_data_and_run_folders_reuse_the_stages_and_an_edited_box_does_not(trained, tmp_path, monkeypatch):
+    """The stage keys hold the images' content and ground truth, not where they lie: the data
+    and run folders copied elsewhere, the data given as a relative path, reuse every stage; one
+    box moved (the object count unchanged) redoes fine-tuning and what follows."""
+    import shutil
+
+    data = tmp_path / "elsewhere" / "data"
+    shutil.copytree(trained["data"], data)
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    args = ["-q", "train", "--config", "demo_lite0", "--data", "data", "--out", str(run),
+            "--cache", str(trained["cache"]), *TINY]
+    assert main(args) == 0
+    timings = json.loads((run / "timings.json").read_text())
+    assert all(timings[s]["reused"] for s in ("finetune", "svm", "bbox_reg"))
+
+    ids = (data / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    xml = data / "Annotations" / f"{ids[0]}.xml"
+    text = xml.read_text()
+    i = text.index("<xmin>") + len("<xmin>")
+    j = text.index("</xmin>", i)
+    xml.write_text(text[:i] + str(int(float(text[i:j])) + 3) + text[j:])
+    assert main(args) == 0
+    timings = json.loads((run / "timings.json").read_text())
+    assert not any(timings[s]["reused"] for s in ("finetune", "svm", "bbox_reg"))
+
+
 @pytest.mark.parametrize("gb", ["0", "0.005"])
 def test_pooled_features_in_ram_change_nothing(trained, tmp_path, gb):
     """Fine-tuning, SVMs and box regression give bit-identical results whether the pooled

@@ -62,7 +62,9 @@ class WindowFeatures:
 
     def _rcnn_file(self, i: int, flip: bool) -> Path:
         w = self.windows[i]
-        key = stable_hash([self.features_key, w.record.image_id, str(w.record.path),
+        # the image's content hash, not its path: a moved data folder keeps its features and a
+        # replaced image does not reuse the old one's
+        key = stable_hash([self.features_key, w.record.image_id, self.extractor.cache.image_key(w.record.path),
                            stable_hash(w.boxes.round(2).tolist()), flip])
         return self.cache_dir / "rcnn_windows" / f"{key}.npy"
 

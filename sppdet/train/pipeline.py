@@ -73,6 +73,15 @@ def features_key(cfg: Config, backbone) -> str:
     return stable_hash(parts)
 
 
+def training_data_key(train_set: Dataset, image_key: Callable[[Path], str]) -> str:
+    """Identifies the training data for the stage keys: each image's id, content hash
+    (``image_key``) and ground truth.  Where the data lies, and how its path was spelled, is not
+    part of it: a data folder moved or copied, or given as a relative path, reuses the stages;
+    an image replaced or a box edited (even with the object count unchanged) redoes them."""
+    return stable_hash([[r.image_id, image_key(r.path), r.boxes.round(3).tolist(), r.labels.tolist(),
+                         r.difficult.tolist()] for r in train_set.records])
+
+
 def finetune_iterations(cfg: Config, num_images: int) -> int:
     """Fine-tuning iterations: the config's, or scaled to the dataset size.
 
@@ -240,8 +249,8 @@ class Pipeline:
         n_obj = sum(w.num_gt for w in windows)
         if n_obj == 0:
             raise SppdetError(f"{dataset.root}: no (non-difficult) objects in split {dataset.split!r} to train on")
-        data_key = stable_hash([train_set.fingerprint(), classes, cfg.data.use_difficult, n_obj,
-                                preset.key(), cfg.proposals.max_boxes])
+        data_key = stable_hash([training_data_key(train_set, extractor.cache.image_key), classes,
+                                cfg.data.use_difficult, preset.key(), cfg.proposals.max_boxes])
 
         # ---- features
         feats = self._window_features(extractor, train_set, windows)
