@@ -7,7 +7,11 @@ compare heap trimming on and off and see where the stage's peak is set (docs/DIS
 It wraps a private method of the extractor (``_finish_precompute``, called once per image by the
 2-thread CPU path), so it is a measuring aid tied to this version of the code, not an API.  Maps go
 to a temporary folder under the output file's folder, removed at the end."""
-import json, resource, sys, tempfile, time
+import json
+import resource
+import sys
+import tempfile
+import time
 from pathlib import Path
 from sppdet import build
 from sppdet.config import load_config
@@ -38,5 +42,5 @@ with tempfile.TemporaryDirectory(dir=Path(out_path).resolve().parent) as d:
     t0 = time.perf_counter()
     e.precompute(ds, flip=False, progress=False)
     dt = time.perf_counter() - t0
-json.dump({"seconds": dt, "items": out}, open(out_path, "w"))
+Path(out_path).write_text(json.dumps({"seconds": dt, "items": out}))
 print(out_path, f"{dt:.1f} s, {dt / n:.2f} s/img, peak {max([o['peak'] for o in out] or [0])} MiB, last rss {(out[-1]['rss'] if out else 0)}")
