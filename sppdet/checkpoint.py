@@ -23,6 +23,7 @@ file) and :func:`load_detector` (file -> detector and config, version and consis
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import warnings
@@ -34,6 +35,8 @@ import torch
 from .config import Config, config_from_dict
 from .errors import CheckpointError
 from .utils.io import atomic_torch_save
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "sppdet-checkpoint"
 VERSION = 1
@@ -264,6 +267,52 @@ def backbone_travels(model) -> bool:
     return model.backbone_trained or not rebuildable
 
 
+def proposal_settings(config: Config) -> dict[str, Any]:
+    """Every setting of the config's selective-search preset (``Preset.settings()``)."""
+    from .proposals.presets import get_preset
+
+    return get_preset(config.proposals.mode, **config.proposals.overrides).settings()
+
+
+def recorded_proposals(cfg: Config, recorded: Any, path: str | Path) -> Config:
+    """``cfg`` with its proposal preset pinned to the settings the checkpoint recorded.
+
+    A checkpoint records the resolved preset; when the preset of the same name has
+    other settings in this version (``fast`` was re-tuned), the recorded ones are
+    used, as overrides of that name, so the detector sees the proposals it was
+    trained with.  Checkpoints without the record (older versions) use the name.
+    """
+    import dataclasses
+
+    from .config import merge
+    from .proposals.presets import ALGORITHM_VERSION, Preset
+
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("settings"), dict):
+        return cfg
+    settings = dict(recorded["settings"])
+    if settings == proposal_settings(cfg):
+        return cfg
+    wanted = dict(settings)
+    if settings.pop("algorithm_version", ALGORITHM_VERSION) != ALGORITHM_VERSION:
+        logger.warning(
+            "%s: trained with selective search of another algorithm version; its proposals may differ", path)
+    for f in dataclasses.fields(Preset):  # a setting left out of the record (added later: off)
+        if f.name != "name" and f.name not in settings:
+            settings[f.name] = f.default
+    try:
+        out = merge(cfg, {"proposals": {"overrides": settings}}, "checkpoint proposals")
+        got = proposal_settings(out)
+    except Exception as e:
+        raise CheckpointError(f"{path}: checkpoint proposal settings are invalid ({e})") from None
+    got["algorithm_version"] = wanted.get("algorithm_version", ALGORITHM_VERSION)
+    if got != wanted:
+        raise CheckpointError(f"{path}: checkpoint proposal settings are invalid (not a preset's settings)")
+    logger.info(
+        "%s: proposal preset %r has other settings in this version; using the ones it was trained with",
+        path, cfg.proposals.mode)
+    return out
+
+
 def detector_payload(model, config: Config) -> dict[str, Any]:
     """The checkpoint dict (without format/version) of a trained detector and its config."""
     payload: dict[str, Any] = {
@@ -274,6 +323,9 @@ def detector_payload(model, config: Config) -> dict[str, Any]:
         "feature_dim": model.feature_dim,
         "svm": model.svms.state_dict(),
         "stats": model.stats,
+        # every setting of the selective search it was trained with: a preset name may change
+        # meaning in a later version, the recorded settings do not (load_detector)
+        "proposals": {"settings": proposal_settings(config)},
     }
     if backbone_travels(model):
         payload["backbone_state"] = model.backbone.state_dict()
@@ -305,6 +357,7 @@ def load_detector(path: str | Path):
         cfg = config_from_dict(ckpt["config"])
     except Exception as e:
         raise CheckpointError(f"{path}: checkpoint config is invalid ({e})") from None
+    cfg = recorded_proposals(cfg, ckpt.get("proposals"), path)
     bb = ckpt["backbone"]
     if "backbone_state" in ckpt:
         backbone = build_backbone(bb["name"], "random")

@@ -175,7 +175,7 @@ def test_detector_round_trip_keeps_every_part(tmp_path):
     path = save_detector(tmp_path / "model.pt", model, cfg)
     raw = load_checkpoint(path)
     assert set(raw) == {"format", "version", "config", "classes", "backbone", "feature_dim", "svm", "stats",
-                        "backbone_state", "head", "head_dims", "bbox_reg"}
+                        "backbone_state", "head", "head_dims", "bbox_reg", "proposals"}
     assert raw["backbone"] == {"name": "zf5", "weights": "random", "weights_id": model.backbone.weights_id}
     back, cfg2 = load_detector(path)
     assert cfg2 == cfg and back.classes == ["a", "b"] and back.test.nms == 0.25 and back.stats == {"train_images": 3}
@@ -189,6 +189,41 @@ def test_detector_round_trip_keeps_every_part(tmp_path):
     sd1, sd2 = model.backbone.state_dict(), back.backbone.state_dict()
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert back.backbone.weights_id == model.backbone.weights_id
+
+
+def test_checkpoint_keeps_the_proposals_it_was_trained_with_when_a_preset_changes(tmp_path, caplog):
+    """A checkpoint records its preset's settings: if `fast` means other settings later, loading
+    pins the recorded ones (as overrides), so test proposals match training; same settings: untouched."""
+    import logging
+
+    from sppdet.checkpoint import load_detector, proposal_settings, save_detector
+    from sppdet.config import merge
+    from sppdet.proposals.presets import get_preset
+
+    model, cfg = _tiny_detector()
+    path = save_detector(tmp_path / "model.pt", model, cfg)
+    assert load_checkpoint(path)["proposals"]["settings"] == get_preset("fast").settings()
+    assert load_detector(path)[1] == cfg  # unchanged preset: the config as saved
+    # a checkpoint trained with `fast` as it was before its small boxes were split
+    raw = load_checkpoint(path)
+    raw["proposals"] = {"settings": get_preset("fast-nosplit").settings()}
+    old = tmp_path / "old.pt"
+    torch.save(raw, old)
+    with caplog.at_level(logging.INFO, logger="sppdet.checkpoint"):
+        _, cfg_old = load_detector(old)
+    assert cfg_old.proposals.mode == "fast"
+    assert proposal_settings(cfg_old) == get_preset("fast-nosplit").settings()
+    assert get_preset(cfg_old.proposals.mode, **cfg_old.proposals.overrides).key() == "8fc4fe302d60c65b"
+    assert "using the ones it was trained with" in caplog.text
+    # a custom override survives the round trip too
+    cfg3 = merge(cfg, {"proposals": {"overrides": {"ks": [90.0]}}})
+    p3 = save_detector(tmp_path / "m3.pt", model, cfg3)
+    assert proposal_settings(load_detector(p3)[1]) == proposal_settings(cfg3)
+    # a record that is not a preset's settings is a one-line checkpoint error
+    raw["proposals"] = {"settings": {**get_preset("fast").settings(), "ks": "many"}}
+    torch.save(raw, old)
+    with pytest.raises(CheckpointError, match="proposal settings are invalid"):
+        load_detector(old)
 
 
 def test_packaged_backbone_weights_are_referenced_not_stored(tmp_path):

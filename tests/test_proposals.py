@@ -298,3 +298,70 @@ def test_parse_override_types():
     for bad in ("ks", "nope=1", "min_segment=2.5", "ks=a,b"):
         with pytest.raises(ConfigError):
             parse_override(bad)
+
+
+# ---------------------------------------------------------------------------
+# Halves of small boxes (`split_below`)
+
+
+def halves_ref(boxes, split_below, min_box_size):
+    """Slow, obvious reference of add_halves: the boxes, then each small box's new halves."""
+    out = [tuple(float(v) for v in b) for b in boxes]
+    seen = set(out)
+    for x1, y1, x2, y2 in list(out):
+        if ((x2 - x1) * (y2 - y1)) ** 0.5 >= split_below:
+            continue
+        xm = float(np.float32((np.float32(x1) + np.float32(x2)) / np.float32(2)))
+        for h in ((x1, y1, xm, y2), (xm, y1, x2, y2)):
+            w, ht = h[2] - h[0], h[3] - h[1]
+            if w > 0 and w >= min_box_size and ht >= min_box_size and h not in seen:
+                seen.add(h)
+                out.append(h)
+    return np.array(out, np.float32).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("seed,split_below,min_box", [(0, 48.0, 10.0), (1, 20.0, 0.0), (2, 1e9, 4.0), (3, 0.5, 0.0)])
+def test_add_halves_matches_reference(seed, split_below, min_box):
+    from sppdet.proposals.selective_search import add_halves
+
+    rng = np.random.default_rng(seed)
+    xy = rng.integers(0, 60, size=(40, 2)).astype(np.float32)
+    wh = rng.integers(1, 70, size=(40, 2)).astype(np.float32)
+    boxes = np.unique(np.concatenate([xy, xy + wh], 1), axis=0)
+    # a box that is exactly the left half of another: its half must not appear twice
+    boxes = np.concatenate([boxes, [[0, 0, 20, 30], [0, 0, 10, 30]]]).astype(np.float32)
+    got = add_halves(boxes, split_below, min_box)
+    np.testing.assert_array_equal(got, halves_ref(boxes, split_below, min_box))
+    np.testing.assert_array_equal(got[:len(boxes)], boxes)
+    assert len(np.unique(got, axis=0)) == len(got)
+
+
+def test_split_below_adds_halves_after_the_same_ranking_and_keeps_the_cap():
+    img = scene(seed=4)
+    plain = selective_search(img, TINY, 0)
+    split = selective_search(img, get_preset(TINY, split_below=40.0), 0)
+    np.testing.assert_array_equal(split[:len(plain)], plain)  # the ranked boxes are untouched
+    extra = split[len(plain):]
+    assert len(extra) > 0
+    # every extra box is the left or right half of a small ranked box
+    small = plain[np.sqrt((plain[:, 2] - plain[:, 0]) * (plain[:, 3] - plain[:, 1])) < 40.0]
+    mid = (small[:, 0] + small[:, 2]) / 2
+    halves = {tuple(b) for b in np.concatenate([np.stack([small[:, 0], small[:, 1], mid, small[:, 3]], 1),
+                                                np.stack([mid, small[:, 1], small[:, 2], small[:, 3]], 1)])}
+    assert all(tuple(b) in halves for b in extra)
+    capped = selective_search(img, get_preset(TINY, split_below=40.0), len(plain) + 3)
+    np.testing.assert_array_equal(capped, split[:len(plain) + 3])
+    # a cap below the ranked boxes leaves no room: the same boxes as without splitting
+    np.testing.assert_array_equal(selective_search(img, get_preset(TINY, split_below=40.0), 10), plain[:10])
+
+
+def test_split_off_keeps_earlier_store_keys_and_fast_uses_it():
+    # `split_below` was added after stores were written: off, it is not part of the key
+    before = {"fast-nosplit": "8fc4fe302d60c65b",  # the key of `fast` before it split boxes
+              "fast-rgi": "8c96c53f46a3c267", "fast-300": "a1ecf8b225cdca30", "quality": "3d1efd35efe87986",
+              "opencv-fast": "1c2faa4ec22045d7", "opencv-quality": "bbbb45084199f2f2"}
+    assert {n: get_preset(n).key() for n in before} == before
+    assert get_preset("fast").split_below > 0 and get_preset("fast").key() != get_preset("fast-nosplit").key()
+    assert get_preset("fast", split_below=0.0).key() == get_preset("fast-nosplit").key()
+    with pytest.raises(ConfigError, match="split_below"):
+        get_preset("fast", split_below=-1.0)

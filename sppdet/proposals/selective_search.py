@@ -35,7 +35,11 @@ adds around it:
   2. *near-duplicate demotion*: walking that order, a box whose IoU with an
      earlier kept box exceeds ``demote_iou`` is moved (in order) behind all kept
      boxes, so the first K boxes are diverse while nothing is thrown away;
-  3. the list is cut at ``max_boxes``.
+  3. the list is cut at ``max_boxes``;
+  4. with the preset's ``split_below`` (``fast``: 48 px), each kept box smaller
+     than that (square root of its area) adds its left and right halves after
+     the ranked boxes, in their parents' order, as long as there is room under
+     ``max_boxes`` (:func:`add_halves`).
 
   The same image and preset always give the identical array.
 * **Never empty.** When nothing survives the filters (e.g. an image smaller
@@ -314,9 +318,45 @@ def combine_runs(runs: list[np.ndarray], preset: str | Preset, width: int, heigh
         uniq, votes = np.unique(boxes, axis=0, return_counts=True)
         order = rank_boxes(uniq, votes, p.area_exponent, p.demote_iou)
         out = uniq[order]
+        if max_boxes and max_boxes > 0:
+            out = out[:max_boxes]
+        if p.split_below > 0:
+            out = add_halves(out, p.split_below, p.min_box_size)
     if max_boxes and max_boxes > 0:
         out = out[:max_boxes]
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def add_halves(boxes: np.ndarray, split_below: float, min_box_size: float = 0.0) -> np.ndarray:
+    """``boxes`` followed by the left and right halves of its small boxes (preset ``split_below``).
+
+    Args:
+        boxes (ndarray[N, 4] float32): ranked, unique boxes.
+        split_below: a box whose ``sqrt(width * height)`` is below this is split.
+        min_box_size: halves narrower or lower than this are left out.
+
+    Returns:
+        ndarray[N + M, 4] float32: ``boxes`` unchanged, then each small box's left
+        half and right half in the small boxes' order, leaving out every half equal
+        to an earlier box.
+    """
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    wh = b[:, 2:] - b[:, :2]
+    small = b[np.sqrt(wh[:, 0] * wh[:, 1]) < split_below]
+    if len(small) == 0:
+        return b
+    xm = (small[:, 0] + small[:, 2]) / np.float32(2)
+    left = np.stack([small[:, 0], small[:, 1], xm, small[:, 3]], 1)
+    right = np.stack([xm, small[:, 1], small[:, 2], small[:, 3]], 1)
+    halves = np.stack([left, right], 1).reshape(-1, 4).astype(np.float32)  # parent order, left first
+    hw = halves[:, 2:] - halves[:, :2]
+    halves = halves[(hw[:, 0] > 0) & (hw[:, 0] >= min_box_size) & (hw[:, 1] >= min_box_size)]
+    if len(halves) == 0:
+        return b
+    both = np.concatenate([b, halves])
+    _, first = np.unique(both, axis=0, return_index=True)
+    new = np.sort(first[first >= len(b)])  # first occurrences that are not already among ``boxes``
+    return np.concatenate([b, both[new]])
 
 
 def opencv_selective_search(image: np.ndarray, mode: str = "fast") -> np.ndarray:
