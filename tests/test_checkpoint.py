@@ -204,16 +204,16 @@ def test_checkpoint_keeps_the_proposals_it_was_trained_with_when_a_preset_change
     path = save_detector(tmp_path / "model.pt", model, cfg)
     assert load_checkpoint(path)["proposals"]["settings"] == get_preset("fast").settings()
     assert load_detector(path)[1] == cfg  # unchanged preset: the config as saved
-    # a checkpoint trained with `fast` as it was before its small boxes were split
+    # a checkpoint trained with `fast` when it meant other settings (here: those of `fast-split`)
     raw = load_checkpoint(path)
-    raw["proposals"] = {"settings": get_preset("fast-nosplit").settings()}
+    raw["proposals"] = {"settings": get_preset("fast-split").settings()}
     old = tmp_path / "old.pt"
     torch.save(raw, old)
     with caplog.at_level(logging.INFO, logger="sppdet.checkpoint"):
         _, cfg_old = load_detector(old)
     assert cfg_old.proposals.mode == "fast"
-    assert proposal_settings(cfg_old) == get_preset("fast-nosplit").settings()
-    assert get_preset(cfg_old.proposals.mode, **cfg_old.proposals.overrides).key() == "8fc4fe302d60c65b"
+    assert proposal_settings(cfg_old) == get_preset("fast-split").settings()
+    assert get_preset(cfg_old.proposals.mode, **cfg_old.proposals.overrides).key() == get_preset("fast-split").key()
     assert "using the ones it was trained with" in caplog.text
     # a custom override survives the round trip too
     cfg3 = merge(cfg, {"proposals": {"overrides": {"ks": [90.0]}}})

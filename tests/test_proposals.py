@@ -355,13 +355,13 @@ def test_split_below_adds_halves_after_the_same_ranking_and_keeps_the_cap():
     np.testing.assert_array_equal(selective_search(img, get_preset(TINY, split_below=40.0), 10), plain[:10])
 
 
-def test_split_off_keeps_earlier_store_keys_and_fast_uses_it():
+def test_split_off_keeps_earlier_store_keys_and_fast_split_uses_it():
     # `split_below` was added after stores were written: off, it is not part of the key
-    before = {"fast-nosplit": "8fc4fe302d60c65b",  # the key of `fast` before it split boxes
+    before = {"fast": "8fc4fe302d60c65b",  # the key of `fast` before split_below existed
               "fast-rgi": "8c96c53f46a3c267", "fast-300": "a1ecf8b225cdca30", "quality": "3d1efd35efe87986",
               "opencv-fast": "1c2faa4ec22045d7", "opencv-quality": "bbbb45084199f2f2"}
     assert {n: get_preset(n).key() for n in before} == before
-    assert get_preset("fast").split_below > 0 and get_preset("fast").key() != get_preset("fast-nosplit").key()
-    assert get_preset("fast", split_below=0.0).key() == get_preset("fast-nosplit").key()
+    assert get_preset("fast-split").split_below > 0 and get_preset("fast-split").key() != get_preset("fast").key()
+    assert get_preset("fast-split", split_below=0.0).key() == get_preset("fast").key()
     with pytest.raises(ConfigError, match="split_below"):
         get_preset("fast", split_below=-1.0)

@@ -36,7 +36,7 @@ adds around it:
      earlier kept box exceeds ``demote_iou`` is moved (in order) behind all kept
      boxes, so the first K boxes are diverse while nothing is thrown away;
   3. the list is cut at ``max_boxes``;
-  4. with the preset's ``split_below`` (``fast``: 48 px), each kept box smaller
+  4. with the preset's ``split_below`` (``fast-split``: 48 px), each kept box smaller
      than that (square root of its area) adds its left and right halves after
      the ranked boxes, in their parents' order, as long as there is room under
      ``max_boxes`` (:func:`add_halves`).
