@@ -318,10 +318,9 @@ def combine_runs(runs: list[np.ndarray], preset: str | Preset, width: int, heigh
         uniq, votes = np.unique(boxes, axis=0, return_counts=True)
         order = rank_boxes(uniq, votes, p.area_exponent, p.demote_iou)
         out = uniq[order]
-        if max_boxes and max_boxes > 0:
-            out = out[:max_boxes]
-        if p.split_below > 0:
-            out = add_halves(out, p.split_below, p.min_box_size)
+        if p.split_below > 0:  # halves of the kept boxes only, in the room the cap leaves
+            out = add_halves(out[:max_boxes] if max_boxes and max_boxes > 0 else out, p.split_below,
+                             p.min_box_size)
     if max_boxes and max_boxes > 0:
         out = out[:max_boxes]
     return np.ascontiguousarray(out, dtype=np.float32)
